@@ -1,0 +1,39 @@
+# The two README commands: `make demo` and `make test`. Both create or reuse .venv (Python 3.12)
+# and install the pinned dependencies (requirements.lock pins the whole tree) before they run.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REF_VENV := .venv-ref
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv demo test golden bench clean
+
+$(STAMP): pyproject.toml requirements.lock scripts/find_python312.sh
+	@test -x $(PY) || { PY312=$$(scripts/find_python312.sh) && $$PY312 -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m train
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+
+# Reference outputs from HF transformers / PEFT in PyTorch (CPU torch, Python 3.11, its own venv).
+# The tests read only the committed files under tests/golden; they never need torch.
+$(REF_VENV)/.installed: scripts/reference-requirements.txt
+	@test -x $(REF_VENV)/bin/python || python3 -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install --quiet -r scripts/reference-requirements.txt
+	@touch $@
+
+golden: $(REF_VENV)/.installed
+	$(REF_VENV)/bin/python scripts/make_golden.py --out tests/golden
+
+bench: $(STAMP)
+	$(PY) -m pallas_kernels.bench
+
+clean:
+	rm -rf $(VENV) $(REF_VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Serving: jitted prefill/decode, mixed-adapter batches, merged/unmerged/mixture modes."""

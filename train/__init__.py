@@ -1,0 +1,1 @@
+"""Accuracy-aware adapter generation (`python -m train`)."""

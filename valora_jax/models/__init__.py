@@ -1,0 +1,1 @@
+"""LMM model families in Flax NNX."""
