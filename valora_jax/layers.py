@@ -1,0 +1,99 @@
+"""Building blocks shared by the model families: linear projections, embeddings, norms, activations.
+
+`Linear` is the one projection type every adaptable weight goes through. It stores its kernel as
+(d_in, d_out) so `y = x @ kernel`, and carries an `adapter` slot: when an adapter module is attached
+there, its output (a delta computed from the same input) is added to the projection. Norms compute in
+float32 and cast back, as transformers does, so bf16 models match their PyTorch counterparts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DEFAULT_INIT_STD = 0.02
+
+
+def normal_init(rngs: nnx.Rngs, shape: Sequence[int], dtype, std: float = DEFAULT_INIT_STD) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias) (+ adapter(x)); kernel (d_in, d_out) with logical axes for sharding."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str | None, str | None], use_bias: bool = False,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(normal_init(rngs, (d_in, d_out), dtype), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.adapter = nnx.data(None)
+
+    @property
+    def in_features(self) -> int:
+        return self.kernel.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.kernel.shape[1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if self.adapter is not None:
+            y = y + self.adapter(x).astype(y.dtype)
+        return y
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(normal_init(rngs, (num, dim), dtype), logical_axes=("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the embedding table (tied output head)."""
+        return x @ self.embedding[...].T
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
