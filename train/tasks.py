@@ -1,0 +1,64 @@
+"""A vision task as the trainer sees it: data, output head, metric and accuracy requirement.
+
+`head` says how the adapter answers: "classify" puts a small trainable head on the last token's
+hidden state (one forward pass over a closed label set), "lm" decodes the answer text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from train.images import ImageSource
+from train.metrics import METRICS
+
+HEADS = ("classify", "lm")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Example:
+    """One image with its answer; `label` indexes the task's labels (-1 for lm tasks).
+
+    `image` is an array for generated data and a file path for real data (decoded when the
+    pipeline reads it). `prompt` is set only where each row carries its own question (LLaVA
+    conversations); otherwise the task's prompt applies.
+    """
+
+    image: ImageSource
+    answer: str
+    label: int = -1
+    prompt: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Task:
+    name: str
+    head: str
+    metric: str
+    requirement: float
+    prompt: str
+    train: Sequence[Example]
+    val: Sequence[Example]
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"task {self.name!r}: head {self.head!r} is not one of {HEADS}")
+        if self.metric not in METRICS:
+            raise ValueError(f"task {self.name!r}: metric {self.metric!r} is not one of {tuple(METRICS)}")
+        if self.head == "classify" and (self.metric != "accuracy" or len(self.labels) < 2):
+            raise ValueError(f"task {self.name!r}: a classify head needs metric accuracy and at least two labels")
+        if self.head == "lm" and self.labels:
+            raise ValueError(f"task {self.name!r}: labels apply to classify heads only")
+        if not 0.0 <= self.requirement <= 1.0:
+            raise ValueError(f"task {self.name!r}: requirement {self.requirement} is outside [0, 1]")
+        if not self.train or not self.val:
+            raise ValueError(f"task {self.name!r}: needs at least one train and one val example")
+
+    def prompt_of(self, example: Example) -> str:
+        return self.prompt if example.prompt is None else example.prompt
+
+    def score(self, predictions: Sequence[int | str]) -> float:
+        """The task's metric over its val split: label indices for classify heads, answer texts for lm."""
+        targets = [ex.label if self.head == "classify" else ex.answer for ex in self.val]
+        return METRICS[self.metric](predictions, targets)
