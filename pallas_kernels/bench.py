@@ -1,0 +1,106 @@
+"""Benchmark ATMM against its byte floor, stock JAX, and the base projection it rides on.
+
+    python -m pallas_kernels.bench [--out DIR] [--shape T,RANK,ADAPTERS ...] [--quick --interpret]
+
+Per anchor shape of BENCHMARKS.md: the byte floor from a copy bandwidth measured in the same run, the
+kernel's time and its multiple of the floor, the stock-JAX formulations as multiples of the floor,
+and fused (base + delta) / base. Every time comes from many calls inside one jitted loop
+(`timing.py`). Prints a Markdown table and writes bench.md and bench.json to --out.
+`--quick --interpret` shrinks every shape so the script runs on CPU; its times there mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import jax
+from tqdm import tqdm
+
+from pallas_kernels import api, baselines, timing
+from pallas_kernels.workload import Workload
+
+ANCHORS = {  # name: (tokens, rank, adapters); d_in = d_out = 4096, pool of 64
+    "decode-few": (32, 16, 4),
+    "decode-many": (32, 16, 32),
+    "decode-large": (256, 16, 32),
+    "decode-large-r64": (256, 64, 32),
+    "prefill": (4096, 64, 4),
+}
+QUICK = {"decode-few": (8, 8, 2), "decode-many": (8, 8, 8), "decode-large": (32, 8, 8),
+         "decode-large-r64": (32, 16, 8), "prefill": (64, 16, 2)}
+COLUMNS = ["case", "T", "rank", "distinct", "floor us", "kernel us", "kernel / floor",
+           *(f"{name} / floor" for name in baselines.FORMULATIONS), "base us", "fused us", "fused / base"]
+
+
+def _workloads(args) -> dict[str, Workload]:
+    hidden, pool = (128, 8) if args.quick else (4096, 64)
+    shapes = dict(QUICK if args.quick else ANCHORS)
+    for spec in args.shape:
+        tokens, rank, adapters = (int(v) for v in spec.split(","))
+        shapes[f"T{tokens}-r{rank}-a{adapters}"] = (tokens, rank, adapters)
+    return {name: Workload(t, hidden, hidden, r, a, pool=pool) for name, (t, r, a) in shapes.items()}
+
+
+def _measure(name: str, workload: Workload, bandwidth: float, args) -> dict:
+    copies = timing.copies_past_cache(workload.copy_bytes(), max_copies=1 if args.quick else 8)
+    data = [workload.arrays(seed) for seed in range(copies)]
+    time = lambda fn, keys: 1e6 * timing.seconds_per_call(  # noqa: E731
+        fn, [tuple(d[k] for k in keys) for d in data], calls=args.calls, repeats=args.repeats)
+    lora_keys = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
+    kw = dict(backend=args.backend, interpret=args.interpret)
+    distinct = workload.distinct_adapters(data[0])
+    floor_us = 1e6 * workload.floor_bytes(distinct) / bandwidth
+    kernel_us = time(lambda *a: api.batched_lora(*a, **kw), lora_keys)
+    row = {"case": name, "T": workload.tokens, "rank": workload.rank, "distinct": distinct,
+           "floor us": floor_us, "kernel us": kernel_us, "kernel / floor": kernel_us / floor_us}
+    for label, formulation in baselines.FORMULATIONS.items():
+        stock_us = time(formulation, ("x", "a_pool", "b_pool", "slot_ids", "scales"))
+        row[f"{label} / floor"] = stock_us / floor_us
+    row["base us"] = time(lambda x, w: x @ w, ("x", "w"))
+    row["fused us"] = time(lambda x, w, *rest: api.lora_projection(x, w, *rest, **kw), ("x", "w", *lora_keys[1:]))
+    row["fused / base"] = row["fused us"] / row["base us"]
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(value) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
+    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/pallas_kernels"))
+    parser.add_argument("--shape", action="append", default=[], help="extra case T,RANK,ADAPTERS")
+    parser.add_argument("--backend", default="auto", choices=api.BACKENDS)
+    parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--calls", type=int, default=None, help="calls per timed loop")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    args.calls = args.calls or (2 if args.quick else 200)
+    args.repeats = args.repeats or (1 if args.quick else 5)
+
+    copy_bytes = 2**23 if args.quick else 2**30
+    bandwidth = timing.copy_bandwidth(copy_bytes, calls=args.calls, repeats=args.repeats)
+    workloads = _workloads(args)
+    rows = [_measure(name, w, bandwidth, args)
+            for name, w in tqdm(workloads.items(), desc="bench", unit="shape")]
+    result = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+              "backend": api.resolve_backend(args.backend), "interpret": args.interpret,
+              "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
+    table = markdown(rows)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {result['device_kind']} ({result['backend']})")
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.md").write_text(table + "\n")
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
