@@ -47,11 +47,16 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh | None = None, rules=
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedSharding for every variable of an NNX state (abstract or concrete), from its `logical_axes`."""
+    """NamedSharding for every variable of an NNX state (abstract or concrete), from its `logical_axes`.
+
+    A dimension the mesh axis does not divide (a vocabulary of 32001, say) is replicated instead.
+    """
 
     def to_sharding(var):
         axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-        return NamedSharding(mesh, logical_to_spec(axes, mesh, rules))
+        spec = logical_to_spec(axes, mesh, rules)
+        spec = [a if a is None or dim % mesh.shape[a] == 0 else None for a, dim in zip(spec, var.shape)]
+        return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree.map(to_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -62,3 +67,10 @@ def constrain(x: jax.Array, *axes: str | None, rules=DEFAULT_RULES) -> jax.Array
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh, rules))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+    """Move a model's variables onto `mesh` by their logical axes (in place; returns the model)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return model

@@ -1,0 +1,148 @@
+"""Prefill and decode throughput of a preset with random weights: `python -m serve.bench_model`.
+
+Prints a Markdown table (and writes JSON with `--out`): prefill tokens/s, decode tokens/s per batch
+size, and each decode step against its byte floor: (weights read per step + KV cache bytes) divided
+by a device copy bandwidth measured in the same run. Run it on an accelerator with
+`--preset llava-1.5-7b --dtype bfloat16`; on CPU the `tiny` default finishes in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from valora_jax.config import preset
+from valora_jax.generation import Generator, SamplingConfig
+from valora_jax.kv_cache import KVCache
+from valora_jax.models.llava import LlavaForConditionalGeneration
+
+
+def timed(fn, *args, repeats: int) -> float:
+    """Median seconds of `fn(*args)` after one warm-up call (compilation excluded)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes/s of a device copy (read + write) of a buffer of `nbytes`, 8 copies in one program."""
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+
+    @jax.jit
+    def copies(x):
+        return jax.lax.fori_loop(0, 8, lambda i, y: y * 1.0 + i.astype(y.dtype), x)
+
+    return 8 * 2 * x.nbytes / timed(copies, x, repeats=repeats)
+
+
+def random_model(name: str, dtype, seed: int) -> LlavaForConditionalGeneration:
+    """Random weights created on device (no host copy), so a 7B preset fits an accelerator directly."""
+    cfg = preset(name)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    state = jax.jit(lambda: nnx.state(LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(seed))))()
+    return nnx.merge(graphdef, state)
+
+
+def decode_weight_bytes(model: LlavaForConditionalGeneration) -> int:
+    """Bytes of the weights one decode step reads: the language model and the output head."""
+    lm = nnx.state(model.language_model, nnx.Param)
+    head = nnx.state(model.lm_head, nnx.Param) if model.lm_head is not None else {}
+    embed_rows = model.language_model.embed_tokens.embedding
+    leaves = jax.tree.leaves(lm) + jax.tree.leaves(head)
+    # A decode step reads one embedding row per token, not the whole table (unless it is the tied head).
+    table = 0 if model.lm_head is None else embed_rows.nbytes
+    return sum(x.nbytes for x in leaves) - table
+
+
+def run(args) -> list[dict]:
+    dtype = jnp.dtype(args.dtype)
+    model = random_model(args.preset, dtype, args.seed)
+    cfg = model.config
+    bandwidth = copy_bandwidth(args.copy_bytes, args.repeats)
+    rows = []
+    rng = np.random.default_rng(args.seed)
+
+    prefill_gen = Generator(model, max_len=args.prefill_len, min_bucket=args.prefill_len)
+    ids = rng.integers(10, cfg.text.vocab_size, (1, args.prefill_len)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    seconds = timed(lambda: prefill_gen.prefill(prefill_gen.graphdef, prefill_gen.state, ids, None, mask,
+                                                prefill_gen.new_cache(1)), repeats=args.repeats)
+    rows.append({"phase": "prefill", "batch": 1, "tokens": args.prefill_len, "seconds": seconds,
+                 "tokens_per_s": args.prefill_len / seconds})
+
+    weight_bytes = decode_weight_bytes(model)
+    for batch in args.batch:
+        gen = Generator(model, max_len=args.prompt_len + args.new_tokens, min_bucket=args.prompt_len)
+        ids = rng.integers(10, cfg.text.vocab_size, (batch, args.prompt_len)).astype(np.int32)
+        mask = np.ones_like(ids, bool)
+        logits, cache = gen.prefill(gen.graphdef, gen.state, ids, None, mask, gen.new_cache(batch))
+
+        def decode(logits=logits, cache=cache):
+            cache_copy = jax.tree.map(jnp.copy, cache)  # the loop donates its cache
+            return gen.decode_loop(gen.graphdef, gen.state, logits, cache_copy, jax.random.key(0),
+                                   max_new_tokens=args.new_tokens, sampling=SamplingConfig(),
+                                   eos_token_id=-1, pad_token_id=0)
+
+        copy_seconds = timed(lambda: jax.tree.map(jnp.copy, cache), repeats=args.repeats)
+        seconds = timed(decode, repeats=args.repeats) - copy_seconds
+        steps = args.new_tokens - 1
+        step_seconds = seconds / steps
+        kv_bytes = KVCache.init(cfg.text, batch, gen.max_len, gen.cache_dtype).nbytes()
+        floor = (weight_bytes + kv_bytes) / bandwidth
+        rows.append({"phase": "decode", "batch": batch, "tokens": batch * steps, "seconds": seconds,
+                     "tokens_per_s": batch * steps / seconds, "step_ms": 1e3 * step_seconds,
+                     "floor_ms": 1e3 * floor, "step_over_floor": step_seconds / floor})
+    meta = {"preset": args.preset, "dtype": args.dtype, "device": str(jax.devices()[0].device_kind),
+            "copy_bandwidth_GBps": bandwidth / 1e9, "decode_weight_GB": weight_bytes / 1e9}
+    return [dict(meta, **row) for row in rows]
+
+
+def markdown(rows: list[dict]) -> str:
+    head = rows[0]
+    lines = [f"{head['preset']} {head['dtype']} on {head['device']}; copy bandwidth "
+             f"{head['copy_bandwidth_GBps']:.1f} GB/s; decode reads {head['decode_weight_GB']:.3f} GB of weights",
+             "", "| phase | batch | tokens/s | step ms | byte-floor ms | step / floor |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        step = f"{r['step_ms']:.2f}" if "step_ms" in r else "-"
+        floor = f"{r['floor_ms']:.2f}" if "floor_ms" in r else "-"
+        ratio = f"{r['step_over_floor']:.2f}x" if "step_over_floor" in r else "-"
+        lines.append(f"| {r['phase']} | {r['batch']} | {r['tokens_per_s']:.1f} | {step} | {floor} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, llava-1.5-7b, llava-1.5-13b)")
+    p.add_argument("--dtype", default="float32", help="parameter and cache dtype (bfloat16 on accelerators)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="decode batch sizes")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens before decoding")
+    p.add_argument("--new-tokens", type=int, default=33, help="tokens generated per row (decode steps + 1)")
+    p.add_argument("--prefill-len", type=int, default=2048, help="tokens in the prefill measurement")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--copy-bytes", type=int, default=1 << 28, help="buffer size of the bandwidth measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=pathlib.Path, help="directory for bench_model.json and bench_model.md")
+    args = p.parse_args(argv)
+    rows = run(args)
+    table = markdown(rows)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_model.json").write_text(json.dumps(rows, indent=2))
+        (args.out / "bench_model.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
