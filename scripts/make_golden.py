@@ -1,0 +1,710 @@
+#!/usr/bin/env python
+"""Reference outputs for valora-jax, made with HF transformers 5 / PEFT in PyTorch (CPU, float32, eager).
+
+Run in the reference venv (`make golden`, or `.venv-ref/bin/python scripts/make_golden.py --out tests/golden`).
+It never touches the network: every model is built from a config with seeded random weights, and the
+processors come from `valora_jax.models.tiny_processor` (tokenizers/transformers only, no JAX).
+
+Writes, under --out (see tests/golden/README.md for the full description):
+  llava_mha/                      tiny LlavaForConditionalGeneration, default transformers 5 `save_pretrained`
+                                  (one model.safetensors; transformers 5 reverts its conversion mapping on save, so
+                                  the names are language_model.model.*, language_model.lm_head.weight,
+                                  multi_modal_projector.*, vision_tower.* -- no `vision_model.` level) + processor
+  llava_mha.outputs.safetensors   inputs, logits, image features and greedy generations of llava_mha
+  llava_gqa_legacy/               GQA / llama3-rope / tied / "full" config, in the published llava-hf layout
+                                  (transformers-4 style config.json, legacy tensor names, 2 safetensors shards
+                                  + model.safetensors.index.json); no processor files
+  llava_gqa_legacy.outputs.safetensors
+  peft_lora/                      PEFT LoRA adapter (language model only) on llava_mha
+  peft_lora.outputs.safetensors   adapted and merged logits (+ greedy generation) on llava_mha's inputs
+  peft_lora_vision/               PEFT LoRA adapter (vision q/k/v/out + LM q/v, with a rank_pattern)
+  peft_lora_vision.outputs.safetensors
+
+The reverse check (an adapter written by the JAX side, in PEFT layout, loaded into PEFT):
+  python scripts/make_golden.py --verify-adapter DIR --base tests/golden/llava_mha \
+      --expect FILE [--inputs tests/golden/llava_mha.outputs.safetensors]
+compares PEFT's logits with FILE's `logits` on the stored inputs and exits 1 when the max relative
+error (max |a-b| over non-pad positions / max |expect| over those positions) exceeds 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import pathlib
+import re
+import shutil
+import sys
+
+import numpy as np
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from safetensors.numpy import load_file as np_load_file  # noqa: E402
+from safetensors.numpy import save_file as np_save_file  # noqa: E402
+from safetensors.torch import save_file as torch_save_file  # noqa: E402
+
+MAX_NEW_TOKENS = 16
+MIN_GREEDY_MARGIN = 1e-3  # every greedy step's top-1 / top-2 logit gap must exceed this
+VERIFY_TOL = 1e-4
+
+# Prompts: words of TINY_VOCAB_WORDS and `<image>`. Prompt 0 is the shorter one (left-padded in the batch);
+# the single (unbatched) example is prompt 0 with image 0.
+PROMPTS = (
+    "user : <image> what colour is the circle ? assistant :",
+    "user : <image> how many red shapes are there in this image ? answer with one word . assistant :",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# determinism
+
+
+def set_determinism(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # can only be set once, before any inter-op parallel work
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def tiny_vocab_size() -> int:
+    from valora_jax.models.tiny_processor import tiny_vocab
+
+    return len(tiny_vocab())
+
+
+def mha_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from valora_jax.models.tiny_processor import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID
+
+    vision = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    text = LlamaConfig(
+        vocab_size=tiny_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        hidden_act="silu",
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    n_patches = (32 // 8) ** 2
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=n_patches,  # "default" drops CLS
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+    )
+
+
+LEGACY_IMAGE_SIZE = 24
+LEGACY_PATCH_SIZE = 8
+
+
+def legacy_config_json() -> dict:
+    """config.json of the legacy model, written the way transformers 4.x wrote the llava-hf checkpoints.
+
+    As in llava-hf/llava-1.5-7b-hf, sub-configs hold only the values that differ from the sub-config class
+    defaults (LlamaConfig / CLIPVisionConfig), `image_token_index` (not `image_token_id`) is used, and the rope is
+    given as `rope_theta` + `rope_scaling` (transformers 4 style; transformers 5 converts it to `rope_parameters`).
+    Omitted defaults a loader must fill in: text hidden_act "silu", bos 1, eos 2, attention_bias/mlp_bias false;
+    vision hidden_act "quick_gelu", layer_norm_eps 1e-5, num_channels 3.
+    """
+    from valora_jax.models.tiny_processor import IMAGE_TOKEN_ID, PAD_ID
+
+    n_patches = (LEGACY_IMAGE_SIZE // LEGACY_PATCH_SIZE) ** 2
+    vocab = tiny_vocab_size()
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_seq_length": n_patches + 1,  # "full" keeps CLS
+        "image_token_index": IMAGE_TOKEN_ID,
+        "model_type": "llava",
+        "pad_token_id": PAD_ID,
+        "projector_hidden_act": "gelu",
+        "text_config": {
+            "architectures": ["LlamaForCausalLM"],
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "max_position_embeddings": 256,
+            "model_type": "llama",
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": {
+                "factor": 8.0,
+                "high_freq_factor": 4.0,
+                "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 64,
+                "rope_type": "llama3",
+            },
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": True,
+            "torch_dtype": "float32",
+            "vocab_size": vocab,
+        },
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.46.0",
+        "vision_config": {
+            "hidden_size": 48,
+            "image_size": LEGACY_IMAGE_SIZE,
+            "intermediate_size": 96,
+            "model_type": "clip_vision_model",
+            "num_attention_heads": 4,
+            "num_hidden_layers": 3,
+            "patch_size": LEGACY_PATCH_SIZE,
+            "projection_dim": 48,
+        },
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "vocab_size": vocab,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weights
+
+
+_NORM_RE = re.compile(r"(norm|layrnorm|layer_norm)[^.]*\.weight$")
+_NORM_BIAS_RE = re.compile(r"(norm|layrnorm|layer_norm)[^.]*\.bias$")
+
+
+def init_weights(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
+    """Re-initialise every parameter from a seeded numpy generator (platform independent), in name order.
+
+    Norm weights ~ 1 + 0.1 N(0,1); all biases ~ 0.1 N(0,1); token / position / class embeddings ~ N(0,1);
+    every other matrix (linear, conv) ~ std * N(0,1). Large enough that logits are far from uniform.
+    """
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            z = rng.standard_normal(tuple(p.shape))
+            if _NORM_RE.search(name):
+                v = 1.0 + 0.1 * z
+            elif name.endswith(".bias") or _NORM_BIAS_RE.search(name):
+                v = 0.1 * z
+            elif "embed_tokens" in name or "position_embedding" in name or "class_embedding" in name:
+                v = z
+            else:
+                v = std * z
+            p.copy_(torch.from_numpy(v.astype(np.float32)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs and reference runs
+
+
+def make_images(seed: int, size: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(2, size, size, 3), dtype=np.uint8)
+
+
+def process(processor, prompts, images) -> dict[str, torch.Tensor]:
+    out = processor(text=list(prompts), images=list(images), return_tensors="pt", padding=True)
+    return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def mask_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """What `generate` uses: cumsum(mask) - 1, pad positions set to 0."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+@torch.no_grad()
+def forward_logits(model, input_ids, attention_mask, pixel_values, position_ids="mask") -> torch.Tensor:
+    kw = {}
+    if isinstance(position_ids, str):
+        if position_ids == "mask":
+            kw["position_ids"] = mask_position_ids(attention_mask)
+    else:
+        kw["position_ids"] = position_ids
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, **kw)
+    return out.logits.float()
+
+
+@torch.no_grad()
+def greedy(model, input_ids, attention_mask, pixel_values) -> tuple[torch.Tensor, float]:
+    """`model.generate` greedy (KV cache), checked against a naive argmax loop without cache.
+
+    Returns the new tokens only [B, MAX_NEW_TOKENS] and the smallest top-1/top-2 logit gap seen.
+    eos never stops generation and is never suppressed: eos_token_id=None, min_new_tokens unset.
+    """
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=MAX_NEW_TOKENS,
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        generation_config=gc,
+    )
+    new = out[:, input_ids.shape[1]:]
+    assert new.shape[1] == MAX_NEW_TOKENS, new.shape
+
+    # naive loop: full forward each step, positions from the mask
+    ids, mask, margin, naive = input_ids, attention_mask, float("inf"), []
+    for _ in range(MAX_NEW_TOKENS):
+        last = forward_logits(model, ids, mask, pixel_values)[:, -1]
+        top2 = torch.topk(last, 2, dim=-1).values
+        margin = min(margin, float((top2[:, 0] - top2[:, 1]).min()))
+        nxt = last.argmax(-1, keepdim=True)
+        naive.append(nxt)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    naive = torch.cat(naive, dim=1)
+    if not torch.equal(naive, new):
+        raise AssertionError(f"generate != naive greedy loop:\n{new}\n{naive}")
+    return new, margin
+
+
+def reference_outputs(model, processor_or_none, prompts, images, inputs) -> tuple[dict[str, np.ndarray], dict]:
+    ids, mask, pv = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    pos = mask_position_ids(mask)
+    logits = forward_logits(model, ids, mask, pv, pos)
+    logits_default = forward_logits(model, ids, mask, pv, position_ids=None)
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values=pv,
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        ).pooler_output
+    feats = torch.stack(list(feats))
+    gen, margin = greedy(model, ids, mask, pv)
+
+    # unbatched: prompt 0 with image 0, no padding
+    real0 = mask[0].bool()
+    s_ids, s_mask, s_pv = ids[:1, real0], mask[:1, real0], pv[:1]
+    s_logits = forward_logits(model, s_ids, s_mask, s_pv)
+    s_gen, s_margin = greedy(model, s_ids, s_mask, s_pv)
+
+    # consistency: left padding + mask positions must not change row 0's real-token logits / generation
+    d = (s_logits[0] - logits[0, real0]).abs().max().item()
+    assert d < 1e-4, f"padded vs unpadded logits differ by {d}"
+    assert torch.equal(s_gen, gen[:1]), (s_gen, gen[:1])
+    # generation must not be a constant token
+    for row in gen:
+        assert len(set(row.tolist())) > 2, f"greedy generation too repetitive: {row.tolist()}"
+    assert float(logits[mask.bool()].std()) > 0.5, "logits too close to uniform"
+
+    arrays = {
+        "images": images,
+        "input_ids": ids.numpy().astype(np.int64),
+        "attention_mask": mask.numpy().astype(np.int64),
+        "position_ids": pos.numpy().astype(np.int64),
+        "pixel_values": pv.numpy().astype(np.float32),
+        "logits": logits.numpy().astype(np.float32),
+        "logits_default_positions": logits_default.numpy().astype(np.float32),
+        "image_features": feats.numpy().astype(np.float32),
+        "generated_ids": gen.numpy().astype(np.int64),
+        "single_input_ids": s_ids.numpy().astype(np.int64),
+        "single_attention_mask": s_mask.numpy().astype(np.int64),
+        "single_pixel_values": s_pv.numpy().astype(np.float32),
+        "single_logits": s_logits.numpy().astype(np.float32),
+        "single_generated_ids": s_gen.numpy().astype(np.int64),
+    }
+    meta = {
+        "prompts": json.dumps(list(prompts)),
+        "greedy_min_top2_margin": f"{min(margin, s_margin):.6f}",
+        "max_new_tokens": str(MAX_NEW_TOKENS),
+        "generated_ids": "new tokens only; greedy, eos_token_id=None (never stops, never suppressed)",
+        "logits": "position_ids = cumsum(attention_mask)-1, pads 0 (as generate); pad rows are not meaningful",
+        "logits_default_positions": "HF forward without position_ids (arange over the padded length)",
+    }
+    assert min(margin, s_margin) > MIN_GREEDY_MARGIN, f"greedy margin too small: {min(margin, s_margin)}"
+    return arrays, meta
+
+
+def save_outputs(path: pathlib.Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    # one metadata key holding sorted JSON: safetensors writes a multi-key metadata map in hash order, which
+    # would make the files differ byte-wise from run to run
+    info = json.dumps(meta, sort_keys=True, indent=1)
+    np_save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata={"info": info})
+
+
+def load_model(path, **kw):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(path), attn_implementation="eager", dtype=torch.float32, **kw
+    )
+    return model.eval()
+
+
+def build_model(config):
+    from transformers import LlavaForConditionalGeneration
+
+    config._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    model.config._attn_implementation = "eager"
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# legacy layout
+
+
+def to_legacy_names(state_dict: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """transformers 5 names -> published llava-hf (transformers 4.x) names.
+
+    The inverse of transformers 5's `conversion_mapping["llava"]`:
+      lm_head                   -> language_model.lm_head     (omitted when tied, as 4.x save_pretrained did)
+      model.language_model      -> language_model.model
+      model.vision_tower        -> vision_tower.vision_model   (CLIPVisionModel's own PrefixChange("vision_model"))
+      model.multi_modal_projector -> multi_modal_projector
+    """
+    out = {}
+    for k, v in state_dict.items():
+        if k == "lm_head.weight":
+            if tied:
+                continue
+            nk = "language_model.lm_head.weight"
+        elif k.startswith("model.language_model."):
+            nk = "language_model.model." + k[len("model.language_model."):]
+        elif k.startswith("model.vision_tower."):
+            nk = "vision_tower.vision_model." + k[len("model.vision_tower."):]
+        elif k.startswith("model.multi_modal_projector."):
+            nk = "multi_modal_projector." + k[len("model.multi_modal_projector."):]
+        else:
+            raise KeyError(f"unexpected key {k}")
+        out[nk] = v.detach().clone().contiguous()
+    return out
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], out_dir: pathlib.Path, num_shards: int = 2) -> list[str]:
+    names = sorted(tensors)
+    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+    total = sum(sizes)
+    target = total / num_shards
+    shards, cur, acc = [], [], 0
+    for n, s in zip(names, sizes):
+        if cur and acc + s / 2 > target * (len(shards) + 1) and len(shards) < num_shards - 1:
+            shards.append(cur)
+            cur = []
+        cur.append(n)
+        acc += s
+    shards.append(cur)
+    assert len(shards) == num_shards, len(shards)
+    weight_map, files = {}, []
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        torch_save_file({n: tensors[n] for n in shard}, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+        files.append(fname)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PEFT
+
+
+LORA_LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_VISION_TARGETS = r".*(vision_tower.*\.(q_proj|k_proj|v_proj|out_proj)|language_model.*\.(q_proj|v_proj))"
+LORA_VISION_RANK_PATTERN = {"language_model.layers.1.self_attn.v_proj": 3}
+
+
+def init_lora(peft_model, seed: int, std: float = 0.2) -> None:
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in sorted(peft_model.named_parameters(), key=lambda kv: kv[0]):
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.from_numpy((std * rng.standard_normal(tuple(p.shape))).astype(np.float32)))
+
+
+def make_adapter(base_dir, out_dir, lora_config, seed, inputs) -> tuple[dict[str, np.ndarray], dict]:
+    from peft import get_peft_model
+
+    base = load_model(base_dir)
+    # PEFT copies model.name_or_path (here the absolute load path) into adapter_config.json; keep it portable
+    base.name_or_path = lora_config.base_model_name_or_path
+    base.config._name_or_path = lora_config.base_model_name_or_path  # (the adapter README's base_model)
+    peft_model = get_peft_model(base, lora_config).eval()
+    init_lora(peft_model, seed)
+    ids, mask, pv = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+    logits = forward_logits(peft_model, ids, mask, pv)
+    gen, margin = greedy(peft_model, ids, mask, pv)
+    peft_model.save_pretrained(str(out_dir))
+    # the adapter must change the outputs
+    base_logits = forward_logits(load_model(base_dir), ids, mask, pv)
+    change = (logits - base_logits)[mask.bool()].abs().max().item()
+    assert change > 0.1, f"adapter barely changes the logits ({change})"
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    merged_logits = forward_logits(merged, ids, mask, pv)
+    d = (merged_logits - logits)[mask.bool()].abs().max().item()
+    assert d < 1e-3, f"merged vs adapted logits differ by {d}"
+    # round trip through PEFT's loader
+    check = verify_adapter_logits(out_dir, base_dir, inputs)
+    d2 = (check - logits)[mask.bool()].abs().max().item()
+    assert d2 == 0.0 or d2 < 1e-6, f"reloaded adapter logits differ by {d2}"
+    arrays = {
+        "input_ids": ids.numpy().astype(np.int64),
+        "attention_mask": mask.numpy().astype(np.int64),
+        "position_ids": mask_position_ids(mask).numpy().astype(np.int64),
+        "pixel_values": pv.numpy().astype(np.float32),
+        "logits": logits.numpy().astype(np.float32),
+        "merged_logits": merged_logits.numpy().astype(np.float32),
+        "generated_ids": gen.numpy().astype(np.int64),
+    }
+    meta = {
+        "base": pathlib.Path(base_dir).name,
+        "logits": "adapted model, position_ids = cumsum(attention_mask)-1 (pads 0); pad rows not meaningful",
+        "merged_logits": "after merge_and_unload()",
+        "generated_ids": "adapted model, new tokens only, greedy, eos_token_id=None",
+        "greedy_min_top2_margin": f"{margin:.6f}",
+        "max_abs_merged_minus_adapted": f"{d:.3e}",
+    }
+    assert margin > MIN_GREEDY_MARGIN, margin
+    return arrays, meta
+
+
+def verify_adapter_logits(adapter_dir, base_dir, inputs) -> torch.Tensor:
+    from peft import PeftModel
+
+    base = load_model(base_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    pos = inputs.get("position_ids")
+    if pos is None:
+        pos = mask_position_ids(inputs["attention_mask"])
+    return forward_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], pos)
+
+
+def verify_adapter_cli(adapter_dir: str, base_dir: str, expect: str, inputs_file: str | None) -> int:
+    base_path = pathlib.Path(base_dir)
+    inputs_file = inputs_file or str(base_path.parent / f"{base_path.name}.outputs.safetensors")
+    stored = np_load_file(inputs_file)
+    exp = np_load_file(expect)
+    for k in ("input_ids", "attention_mask", "pixel_values", "position_ids"):
+        if k in exp:  # the expect file may carry its own inputs
+            stored[k] = exp[k]
+    inputs = {k: torch.from_numpy(stored[k]) for k in ("input_ids", "attention_mask", "pixel_values", "position_ids")
+              if k in stored}
+    got = verify_adapter_logits(adapter_dir, base_dir, inputs).numpy()
+    want = exp["logits"].astype(np.float32)
+    if got.shape != want.shape:
+        print(f"shape mismatch: PEFT {got.shape} vs expect {want.shape}")
+        return 1
+    real = inputs["attention_mask"].numpy().astype(bool)
+    err = np.abs(got - want)[real].max()
+    rel = float(err / max(np.abs(want[real]).max(), 1e-12))
+    print(f"adapter {adapter_dir} on {base_dir}: inputs {inputs_file}; max abs err {err:.3e}, "
+          f"max relative error {rel:.3e} (tolerance {VERIFY_TOL:g})")
+    if rel > VERIFY_TOL:
+        print("FAIL")
+        return 1
+    print("OK")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def build_mha(out: pathlib.Path):
+    from valora_jax.models.tiny_processor import tiny_processor
+
+    set_determinism(0)
+    config = mha_config()
+    model = build_model(config)
+    init_weights(model, seed=1)
+    processor = tiny_processor(32, 8, "default")
+    mdir = out / "llava_mha"
+    model.save_pretrained(str(mdir))
+    processor.save_pretrained(str(mdir))
+
+    images = make_images(seed=2, size=32)
+    inputs = process(processor, PROMPTS, images)
+    assert inputs["attention_mask"][0].sum() < inputs["attention_mask"][1].sum(), "prompt 0 must be padded"
+    # at the model resolution the processor's resize/crop is the identity: pixel_values = normalize(images/255)
+    mean = np.array(processor.image_processor.image_mean)
+    std = np.array(processor.image_processor.image_std)
+    ref = ((images / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    assert np.abs(inputs["pixel_values"].numpy() - ref).max() < 1e-5
+
+    # reload from disk (what the files say is what the outputs come from)
+    model = load_model(mdir)
+    arrays, meta = reference_outputs(model, processor, PROMPTS, images, inputs)
+    meta["model"] = "llava_mha"
+    save_outputs(out / "llava_mha.outputs.safetensors", arrays, meta)
+    return mdir, inputs
+
+
+def build_legacy(out: pathlib.Path):
+    from transformers import LlavaConfig
+
+    from valora_jax.models.tiny_processor import tiny_processor
+
+    set_determinism(0)
+    ldir = out / "llava_gqa_legacy"
+    ldir.mkdir(parents=True)
+    cfg_json = legacy_config_json()
+    (ldir / "config.json").write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
+    config = LlavaConfig.from_pretrained(str(ldir))
+    tc = config.text_config
+    assert tc.num_key_value_heads == 2 and config.tie_word_embeddings and tc.tie_word_embeddings
+    assert tc.rope_parameters["rope_type"] == "llama3" and tc.rope_parameters["rope_theta"] == 500000.0, tc.rope_parameters
+    assert config.vision_feature_select_strategy == "full" and config.vision_feature_layer == -1
+    model = build_model(config)
+    init_weights(model, seed=3)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr(), "not tied"
+
+    tensors = to_legacy_names(model.state_dict(), tied=True)
+    shard_files = save_sharded(tensors, ldir, num_shards=2)
+
+    processor = tiny_processor(LEGACY_IMAGE_SIZE, LEGACY_PATCH_SIZE, "full")  # used for the prompts only
+    images = make_images(seed=4, size=LEGACY_IMAGE_SIZE)
+    inputs = process(processor, PROMPTS, images)
+    n_img = int((inputs["input_ids"][0] == config.image_token_id).sum())
+    assert n_img == cfg_json["image_seq_length"], (n_img, cfg_json["image_seq_length"])
+    in_memory = forward_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+
+    # transformers 5 must load the legacy dir (names converted by its conversion mapping, lm_head tied)
+    loaded = load_model(ldir)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.language_model.embed_tokens.weight.data_ptr()
+    sd_new, sd_old = loaded.state_dict(), model.state_dict()
+    assert sd_new.keys() == sd_old.keys()
+    for k in sd_old:
+        assert torch.equal(sd_new[k], sd_old[k]), f"{k} differs after legacy reload"
+    reloaded = forward_logits(loaded, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    assert torch.equal(reloaded, in_memory), (reloaded - in_memory).abs().max()
+
+    arrays, meta = reference_outputs(loaded, None, PROMPTS, images, inputs)
+    meta["model"] = "llava_gqa_legacy"
+    meta["processor"] = (f"none in the model dir; inputs made with tiny_processor({LEGACY_IMAGE_SIZE}, "
+                         f"{LEGACY_PATCH_SIZE}, 'full')")
+    save_outputs(out / "llava_gqa_legacy.outputs.safetensors", arrays, meta)
+    return ldir, shard_files
+
+
+def build_adapters(out: pathlib.Path, mha_dir: pathlib.Path, inputs):
+    from peft import LoraConfig
+
+    set_determinism(0)
+    lm = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=LORA_LM_TARGETS,
+        base_model_name_or_path="llava_mha",
+    )
+    arrays, meta = make_adapter(mha_dir, out / "peft_lora", lm, seed=5, inputs=inputs)
+    save_outputs(out / "peft_lora.outputs.safetensors", arrays, meta)
+
+    set_determinism(0)
+    vis = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=LORA_VISION_TARGETS,
+        rank_pattern=dict(LORA_VISION_RANK_PATTERN),
+        base_model_name_or_path="llava_mha",
+    )
+    arrays, meta = make_adapter(mha_dir, out / "peft_lora_vision", vis, seed=6, inputs=inputs)
+    save_outputs(out / "peft_lora_vision.outputs.safetensors", arrays, meta)
+
+
+def summary(out: pathlib.Path) -> None:
+    from safetensors import safe_open
+
+    total = 0
+    print(f"\n== {out} ==")
+    for p in sorted(out.rglob("*")):
+        if not p.is_file():
+            continue
+        size = p.stat().st_size
+        total += size
+        print(f"{size:>10,d}  {p.relative_to(out)}")
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), "np") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    if p.name.endswith(".outputs.safetensors") or "adapter" in p.name:
+                        print(f"{'':12}{k}: {sl.get_dtype()} {list(sl.get_shape())}")
+    print(f"{total:>10,d}  total")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "tests" / "golden"))
+    ap.add_argument("--verify-adapter", metavar="DIR", help="adapter dir (PEFT layout) to check against --expect")
+    ap.add_argument("--base", metavar="DIR", help="base model dir for --verify-adapter")
+    ap.add_argument("--expect", metavar="FILE", help="safetensors with `logits` (and optionally the inputs)")
+    ap.add_argument("--inputs", metavar="FILE", help="safetensors with the inputs; default <base>.outputs.safetensors")
+    args = ap.parse_args(argv)
+
+    set_determinism(0)
+    if args.verify_adapter:
+        if not (args.base and args.expect):
+            ap.error("--verify-adapter needs --base and --expect")
+        return verify_adapter_cli(args.verify_adapter, args.base, args.expect, args.inputs)
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    readme = out / "README.md"
+    keep = readme.read_text() if readme.exists() else None
+    for name in ("llava_mha", "llava_gqa_legacy", "peft_lora", "peft_lora_vision"):
+        shutil.rmtree(out / name, ignore_errors=True)
+        (out / f"{name}.outputs.safetensors").unlink(missing_ok=True)
+
+    mha_dir, inputs = build_mha(out)
+    build_legacy(out)
+    build_adapters(out, mha_dir, inputs)
+    if keep is not None:
+        readme.write_text(keep)
+    summary(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
