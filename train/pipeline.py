@@ -14,6 +14,8 @@ A batch (from `collate`):
 
 The iterator's position is `iterator.get_state()`, a small JSON-able dict; `save_iterator_state`
 and `restore_iterator_state` keep it next to a checkpoint so a resumed run sees the same batches.
+Inside an Orbax checkpoint, save it as an item with `grain.checkpoint.CheckpointSave(iterator)` and
+restore into a fresh iterator over the same dataset with `grain.checkpoint.CheckpointRestore(iterator)`.
 """
 
 from __future__ import annotations

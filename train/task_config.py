@@ -181,6 +181,7 @@ def _parse_task(fields: _Fields) -> TaskSpec:
     if "val_path" in fields.entry and "val_fraction" in fields.entry:
         raise fields.error("val_path", "give either val_path or val_fraction, not both")
     val_path = fields.path("val_path", None)
+    val_fraction = None if val_path else fields.fraction("val_fraction", low_open=True, default=DEFAULT_VAL_FRACTION)
     return JsonlTaskSpec(
         name=fields.text("name"),
         path=fields.path("path"),
@@ -190,7 +191,7 @@ def _parse_task(fields: _Fields) -> TaskSpec:
         requirement=fields.fraction("requirement", low_open=False),
         prompt=fields.text("prompt"),
         labels=labels,
-        val_fraction=None if val_path else fields.fraction("val_fraction", True, DEFAULT_VAL_FRACTION),
+        val_fraction=val_fraction,
         val_path=val_path,
     )
 

@@ -107,3 +107,22 @@ def test_file_images_are_decoded_to_the_image_size_and_row_prompts_win(tmp_path)
     batch = train_dataset([task], batch_size=1, seed=0, image_size=SIZE, num_epochs=1, sharding=NO_SHARDING)[0]
     assert batch["image"].shape == (1, SIZE, SIZE, 3) and (batch["image"] == (0, 200, 0)).all()
     assert batch["prompt"] == ["which colour ?"]
+
+
+def test_orbax_saves_and_restores_the_iterator_through_grain_checkpoint(tasks, tmp_path):
+    """The route for saving the data position inside the trainer's Orbax checkpoint."""
+    import orbax.checkpoint as ocp
+
+    def fresh():
+        return make_iterator(train_dataset(tasks, batch_size=2, seed=1, image_size=SIZE, sharding=NO_SHARDING))
+
+    iterator = fresh()
+    for _ in range(3):
+        next(iterator)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+        expected = [ids(next(iterator)) for _ in range(4)]
+        resumed = fresh()
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    assert [ids(next(resumed)) for _ in range(4)] == expected
