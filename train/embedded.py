@@ -112,7 +112,8 @@ def _embedded_tasks() -> dict[str, EmbeddedTask]:
             "lm", "accuracy", 0.7, "how many objects are in the image ?", (), _independent(_make_count)
         ),
         "location": EmbeddedTask(
-            "lm", "iou@0.5", 0.7, "where is the object ? give the bounding box x0 y0 x1 y1 .", (), _independent(_make_location)
+            "lm", "iou@0.5", 0.7, "where is the object ? give the bounding box x0 y0 x1 y1 .", (),
+            _independent(_make_location),
         ),
         "digits": EmbeddedTask(
             "classify", "accuracy", 0.9, "what digit is in this image ?", tuple(str(d) for d in range(10)), _make_digits

@@ -49,7 +49,8 @@ class Report:
     @property
     def summary(self) -> str:
         met = sum(row.met for row in self.tasks)
-        line = f"{len(self.tasks)} tasks in {len(self.adapters)} adapters; {met} of {len(self.tasks)} meet their requirement"
+        n = len(self.tasks)
+        line = f"{n} tasks in {len(self.adapters)} adapters; {met} of {n} meet their requirement"
         if self.cannot_meet:
             line += "; cannot meet even alone: " + ", ".join(
                 f"{name} (best {score:.3f})" for name, score in self.cannot_meet.items()

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from train.embedded import BOX_GRID, COLOUR_TASK_COLOURS, EMBEDDED, MAX_COUNT, box_to_grid, embedded_suite, embedded_task
+from train.embedded import (
+    BOX_GRID, COLOUR_TASK_COLOURS, EMBEDDED, MAX_COUNT, box_to_grid, embedded_suite, embedded_task,
+)
 from train.metrics import parse_box
 from train.scenes import PALETTE, SHAPES
 
