@@ -25,10 +25,14 @@ class VisionAttention(nnx.Module):
         self.k_proj = Linear(d, d, axes=("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, d, axes=("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.out_proj = Linear(d, d, axes=("heads", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
+        # Hook for adapters that transform the block input before q/k/v (Serial LoRA): x -> qkv_input_adapter(x).
+        self.qkv_input_adapter = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         split = lambda t: einops.rearrange(t, "b s (h d) -> b s h d", h=self.num_heads)
-        out = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        qkv_in = x if self.qkv_input_adapter is None else self.qkv_input_adapter(x)
+        out = jax.nn.dot_product_attention(split(self.q_proj(qkv_in)), split(self.k_proj(qkv_in)),
+                                           split(self.v_proj(qkv_in)))
         return self.out_proj(einops.rearrange(out, "b s h d -> b s (h d)"))
 
 

@@ -1,0 +1,59 @@
+"""LoRA: delta(x) = scaling * dropout(x) A B, with A (d_in, r) and B (r, d_out); merges as W += scaling A B.
+
+A is initialised as PEFT does (`kaiming_uniform_(a=sqrt(5))`, i.e. uniform with bound 1/sqrt(d_in)) and
+B with zeros, so an attached adapter starts as the identity and trained adapters match PEFT's numerics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from valora_jax.adapters.variables import AdapterParam
+from valora_jax.layers import Linear
+
+
+def kaiming_uniform(fan_in_axis: int = -2):
+    """torch's `kaiming_uniform_(a=sqrt(5))`: uniform(+-1/sqrt(fan_in)); `fan_in_axis` says which axis is d_in."""
+    fan_out_axis = -1 if fan_in_axis in (-2, 0) else -2
+    return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=fan_in_axis,
+                                                out_axis=fan_out_axis)
+
+
+def input_dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
+    """Dropout on the adapter input (active until `model.eval()`); None when the rate is 0."""
+    return nnx.Dropout(rate, rngs=rngs) if rate else None
+
+
+class LoRA(nnx.Module):
+    """The delta branch of one `Linear` (attached at `linear.adapter`)."""
+
+    def __init__(self, linear: Linear, *, rank: int, scaling: float, dropout: float, dtype, rngs: nnx.Rngs):
+        axes = getattr(linear.kernel, "logical_axes", (None, None))
+        self.A = AdapterParam(kaiming_uniform()(rngs.params(), (linear.in_features, rank), dtype),
+                              logical_axes=(axes[0], None))
+        self.B = AdapterParam(jnp.zeros((rank, linear.out_features), dtype), logical_axes=(None, axes[1]))
+        self.scaling = scaling
+        self.dropout = input_dropout(dropout, rngs)
+        self.merged = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.merged:  # already folded into the kernel
+            return jnp.zeros((), x.dtype)
+        h = x if self.dropout is None else self.dropout(x)
+        return self.scaling * ((h @ self.A[...].astype(x.dtype)) @ self.B[...].astype(x.dtype))
+
+    def delta_weight(self) -> jax.Array:
+        """(d_in, d_out) float32 update this adapter adds to the kernel."""
+        return self.scaling * (self.A[...].astype(jnp.float32) @ self.B[...].astype(jnp.float32))
+
+    def merge_into(self, linear: Linear) -> None:
+        linear.kernel.set_value((linear.kernel[...].astype(jnp.float32) + self.delta_weight()).astype(linear.kernel.dtype))
+
+    def unmerge_from(self, linear: Linear) -> None:
+        linear.kernel.set_value((linear.kernel[...].astype(jnp.float32) - self.delta_weight()).astype(linear.kernel.dtype))

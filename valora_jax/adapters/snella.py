@@ -1,0 +1,131 @@
+"""SNELLA: a kernelised, sparsified full-rank update dW_s = sparsify(k(A, B)) added to a projection.
+
+Kernel (METHODS.md section 3), in this project's (d_in, d_out) layout: A (d_in, r), B (d_out, r), the rank
+split into P equal chunks, K_ij = sum_p c_p ||A_i,p - B_j,p||_2 (c = (+0.1, -0.1) by default), and SNELLA's
+mixed kernel dW = K + alpha * softmax(K / gamma, over the output index j) + beta with learnable scalars
+alpha, gamma, beta (init 1, 1, 0). Distances use |a|^2 + |b|^2 - 2 a.b (no (d_in, d_out, r) temporary),
+clamped at 1e-12 before the square root so the gradient stays finite where a chunk of A_i equals B_j.
+
+Sparsifier, Eq. 5 exactly as written: tau = the `sparsity`-quantile of |dW| (linear interpolation, as
+numpy), dW_s = dW * max(|dW| - |tau|, 0). Entries below the threshold vanish; kept entries are scaled by
+their margin over it. tau is a selection, not a learned quantity: no gradient flows through it.
+
+Memory: the whole delta x @ dW_s runs under `jax.checkpoint`, so only x and the factors are kept for the
+backward pass and dW (d_in x d_out) is recomputed there instead of stored.
+
+The allocator state (per-parameter sensitivity and uncertainty EMAs of A and B, the matrix's quantile
+level `sparsity`) lives here as `AdapterState`; `valora_jax.adapters.allocator` updates it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from valora_jax.adapters.lora import kaiming_uniform
+from valora_jax.adapters.variables import AdapterParam, AdapterState
+from valora_jax.layers import Linear
+
+DISTANCE_FLOOR = 1e-12
+
+
+def piecewise_linear_kernel(a: jax.Array, b: jax.Array, coefficients: tuple[float, ...]) -> jax.Array:
+    """K (d_in, d_out): K_ij = sum_p c_p ||a_i,p - b_j,p||_2 over len(coefficients) equal rank chunks."""
+    out = 0.0
+    for c, a_p, b_p in zip(coefficients, jnp.split(a, len(coefficients), axis=1),
+                           jnp.split(b, len(coefficients), axis=1), strict=True):
+        squared = jnp.sum(a_p * a_p, 1)[:, None] + jnp.sum(b_p * b_p, 1)[None, :] - 2.0 * (a_p @ b_p.T)
+        out = out + c * jnp.sqrt(jnp.maximum(squared, DISTANCE_FLOOR))
+    return out
+
+
+def mixed_kernel(a, b, alpha, gamma, beta, coefficients: tuple[float, ...]) -> jax.Array:
+    """SNELLA's dW = K + alpha * softmax(K / gamma, output axis) + beta."""
+    k = piecewise_linear_kernel(a, b, coefficients)
+    return k + alpha * jax.nn.softmax(k / gamma, axis=1) + beta
+
+
+def sparsify(dw: jax.Array, level: jax.Array) -> jax.Array:
+    """Eq. 5: dW * max(|dW| - |tau|, 0), tau the `level`-quantile of |dW| (held constant for gradients)."""
+    magnitude = jnp.abs(dw)
+    tau = jax.lax.stop_gradient(jnp.quantile(magnitude, level))
+    return dw * jnp.maximum(magnitude - jnp.abs(tau), 0.0)
+
+
+def sparse_delta_weight(a, b, alpha, gamma, beta, level, coefficients: tuple[float, ...]) -> jax.Array:
+    return sparsify(mixed_kernel(a, b, alpha, gamma, beta, coefficients), level)
+
+
+def _apply_delta(x, a, b, alpha, gamma, beta, level, *, coefficients):
+    return x @ sparse_delta_weight(a, b, alpha, gamma, beta, level, coefficients).astype(x.dtype)
+
+
+class Snella(nnx.Module):
+    """The sparse kernelised update of one `Linear` (attached at `linear.adapter`)."""
+
+    def __init__(self, linear: Linear, *, rank: int, coefficients: tuple[float, ...], sparsity: float, dtype,
+                 rngs: nnx.Rngs):
+        axes = getattr(linear.kernel, "logical_axes", (None, None))
+        d_in, d_out = linear.in_features, linear.out_features
+        self.A = AdapterParam(kaiming_uniform()(rngs.params(), (d_in, rank), dtype), logical_axes=(axes[0], None))
+        # B is (d_out, r) as in the paper; torch's fan-in of such a weight is r (its last axis).
+        self.B = AdapterParam(kaiming_uniform(fan_in_axis=-1)(rngs.params(), (d_out, rank), dtype),
+                              logical_axes=(axes[1], None))
+        self.kernel_alpha = AdapterParam(jnp.ones((), dtype))
+        self.kernel_gamma = AdapterParam(jnp.ones((), dtype))
+        self.kernel_beta = AdapterParam(jnp.zeros((), dtype))
+        self.sparsity = AdapterState(jnp.asarray(sparsity, jnp.float32))
+        self.sensitivity_A = AdapterState(jnp.zeros((d_in, rank), jnp.float32))
+        self.sensitivity_B = AdapterState(jnp.zeros((d_out, rank), jnp.float32))
+        self.uncertainty_A = AdapterState(jnp.zeros((d_in, rank), jnp.float32))
+        self.uncertainty_B = AdapterState(jnp.zeros((d_out, rank), jnp.float32))
+        self.coefficients = tuple(coefficients)
+        self.merged = False
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def num_entries(self) -> int:
+        """Entries of dW, the unit of the sparsity budget."""
+        return self.A.shape[0] * self.B.shape[0]
+
+    def _params(self):
+        return (self.A[...], self.B[...], self.kernel_alpha[...], self.kernel_gamma[...], self.kernel_beta[...],
+                self.sparsity[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.merged:
+            return jnp.zeros((), x.dtype)
+        apply = jax.checkpoint(functools.partial(_apply_delta, coefficients=self.coefficients))
+        return apply(x, *self._params())
+
+    def delta_weight(self) -> jax.Array:
+        """(d_in, d_out) float32 dW_s at the current sparsity level."""
+        params = [p.astype(jnp.float32) for p in self._params()]
+        return sparse_delta_weight(*params, self.coefficients)
+
+    def merge_into(self, linear: Linear) -> None:
+        linear.kernel.set_value((linear.kernel[...].astype(jnp.float32) + self.delta_weight()).astype(linear.kernel.dtype))
+
+    def unmerge_from(self, linear: Linear) -> None:
+        linear.kernel.set_value((linear.kernel[...].astype(jnp.float32) - self.delta_weight()).astype(linear.kernel.dtype))
+
+    def update_scores(self, grad_a: jax.Array, grad_b: jax.Array, beta1: float, beta2: float) -> jax.Array:
+        """Advance the sensitivity / uncertainty EMAs of A and B by one step; return the mean score.
+
+        Sensitivity I = |theta * grad|; Ibar <- beta1 Ibar + (1 - beta1) I; U <- beta2 U + (1 - beta2) |I - Ibar|;
+        score = Ibar * U, averaged over all of A's and B's entries.
+        """
+        total, count = 0.0, 0
+        for theta, grad, sens, unc in ((self.A, grad_a, self.sensitivity_A, self.uncertainty_A),
+                                       (self.B, grad_b, self.sensitivity_B, self.uncertainty_B)):
+            current = jnp.abs(theta[...].astype(jnp.float32) * grad.astype(jnp.float32))
+            sens.set_value(beta1 * sens[...] + (1.0 - beta1) * current)
+            unc.set_value(beta2 * unc[...] + (1.0 - beta2) * jnp.abs(current - sens[...]))
+            total, count = total + jnp.sum(sens[...] * unc[...]), count + current.size
+        return total / count
