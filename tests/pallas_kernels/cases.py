@@ -1,0 +1,62 @@
+"""Seeded random LoRA batches for the kernel tests, one per situation the kernels must handle."""
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import Tiles
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
+# Small tiles so that tiny shapes still span several token, d_in, rank and d_out tiles.
+GPU_TILES = Tiles(block_t=16, block_k=64, block_r=16, block_n=128, split_k=2, num_warps=4, num_stages=2)
+TPU_TILES = Tiles(block_t=16, block_k=128, block_r=128, block_n=128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    tokens: int
+    d_in: int
+    d_out: int
+    ranks: tuple  # true rank of each slot; the pool's rank buffer is max(rank_buffer, ranks)
+    rank_buffer: int
+    slots: str  # "mixed" | "single" | "distinct" | "none"
+    with_base: bool
+
+    def arrays(self, dtype: str, seed: int = 0) -> dict:
+        rng = np.random.default_rng(seed)
+        n, r_buf = len(self.ranks), self.rank_buffer
+        ranks = np.asarray(self.ranks, np.int32)
+        a = rng.standard_normal((n, self.d_in, r_buf)) * self.d_in ** -0.5
+        b = rng.standard_normal((n, r_buf, self.d_out)) * r_buf ** -0.5
+        for i, r in enumerate(ranks):  # garbage past each rank: the kernels must never read it
+            a[i, :, r:] = 1e3
+            b[i, r:, :] = -1e3
+        if self.slots == "mixed":  # slot -1 tokens, and the last slot stays empty
+            slot_ids = rng.integers(-1, n - 1, self.tokens)
+        elif self.slots == "single":
+            slot_ids = np.full(self.tokens, 1)
+        elif self.slots == "distinct":
+            slot_ids = rng.permutation(n)[: self.tokens]
+        else:
+            slot_ids = np.full(self.tokens, -1)
+        cast = lambda v: jnp.asarray(v.astype(np.float32), dtype)  # noqa: E731
+        return dict(
+            x=cast(rng.standard_normal((self.tokens, self.d_in))),
+            w=cast(rng.standard_normal((self.d_in, self.d_out)) * self.d_in ** -0.5),
+            a_pool=cast(a), b_pool=cast(b),
+            slot_ids=jnp.asarray(slot_ids, jnp.int32), ranks=jnp.asarray(ranks),
+            scales=jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32),
+            base_out=cast(rng.standard_normal((self.tokens, self.d_out))) if self.with_base else None,
+        )
+
+
+CASES = [
+    # heterogeneous ranks (incl. rank 0), slot -1 tokens, an empty slot, T = 37 fits no tile
+    Case("mixed", 37, 256, 384, (16, 3, 8, 0, 11, 16), 16, "mixed", True),
+    Case("single-adapter", 21, 128, 256, (4, 16), 16, "single", False),
+    Case("every-token-distinct", 9, 128, 256, tuple(range(1, 13)), 16, "distinct", True),
+    Case("no-adapter", 11, 128, 128, (8, 8), 16, "none", True),
+    # a rank buffer over 128 (SNELLA served unmerged): several rank blocks, skipped past each rank
+    Case("rank-over-128", 19, 128, 256, (256, 130, 7), 256, "mixed", False),
+]
