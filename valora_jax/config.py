@@ -213,7 +213,16 @@ def config_from_hf(hf: dict[str, Any]) -> LlavaConfig:
 
 
 def load_hf_config(model_dir: str | pathlib.Path) -> LlavaConfig:
+    """Read `config.json` through transformers, which fills omitted fields with its own defaults and
+    normalises older spellings (`rope_scaling`, `image_token_index`), then convert it."""
     path = pathlib.Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} is not a model directory: missing config.json")
-    return config_from_hf(json.loads(path.read_text()))
+    from transformers import AutoConfig
+
+    raw = json.loads(path.read_text())
+    try:
+        hf = AutoConfig.from_pretrained(model_dir, local_files_only=True).to_dict()
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"unsupported architecture in {path}: model_type={raw.get('model_type')!r} ({err})") from err
+    return config_from_hf(hf)
