@@ -54,9 +54,9 @@ class Case:
 CASES = [
     # heterogeneous ranks (incl. rank 0), slot -1 tokens, an empty slot, T = 37 fits no tile
     Case("mixed", 37, 256, 384, (16, 3, 8, 0, 11, 16), 16, "mixed", True),
-    Case("single-adapter", 21, 128, 256, (4, 16), 16, "single", False),
-    Case("every-token-distinct", 9, 128, 256, tuple(range(1, 13)), 16, "distinct", True),
+    Case("single-adapter", 21, 128, 128, (4, 16), 16, "single", False),
+    Case("every-token-distinct", 6, 128, 128, tuple(range(1, 9)), 16, "distinct", True),
     Case("no-adapter", 11, 128, 128, (8, 8), 16, "none", True),
     # a rank buffer over 128 (SNELLA served unmerged): several rank blocks, skipped past each rank
-    Case("rank-over-128", 19, 128, 256, (256, 130, 7), 256, "mixed", False),
+    Case("rank-over-128", 19, 128, 128, (256, 130, 7), 256, "mixed", False),
 ]

@@ -1,0 +1,64 @@
+"""Tile tables round-trip, and every lookup returns tiles the backend can lower."""
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels.tiles import ShapeKey, Tiles, TileTable, fit, heuristic, tiles_for
+
+shape_keys = st.builds(
+    ShapeKey.of, tokens=st.integers(1, 8192), d_in=st.sampled_from([64, 96, 128, 384, 4096, 11008]),
+    d_out=st.sampled_from([64, 128, 200, 4096, 11008]), rank=st.sampled_from([4, 8, 16, 64, 256, 4096]),
+    adapters=st.integers(1, 64))
+
+
+def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
+    if backend == "pallas_gpu":
+        for block in (tiles.block_t, tiles.block_k, tiles.block_r, tiles.block_n):
+            assert block >= 16 and block & (block - 1) == 0
+        assert 1 <= tiles.split_k <= math.ceil(key.d_in / tiles.block_k)
+        assert tiles.num_warps & (tiles.num_warps - 1) == 0 and tiles.num_stages >= 1
+    else:
+        assert tiles.block_t % 8 == 0
+        for block, dim in ((tiles.block_k, key.d_in), (tiles.block_r, key.rank), (tiles.block_n, key.d_out)):
+            assert dim % block == 0 and (block % 128 == 0 or block == dim)
+
+
+def test_table_round_trips_through_json(tmp_path):
+    table = TileTable("TPU v5 lite", "pallas_tpu", "0.11.2", {
+        ShapeKey.of(32, 4096, 4096, 16, 4): Tiles(16, 512, 16, 512),
+        ShapeKey.of(4096, 4096, 11008, 64, 4): Tiles(128, 1024, 64, 256, 1, 4, 3),
+    })
+    path = tmp_path / "tiles" / "tpu.json"
+    table.save(path)
+    assert TileTable.load(path) == table
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
+def test_heuristic_and_unseen_lookups_are_valid(key, backend):
+    assert_valid(heuristic(key, backend), key, backend)
+    table = TileTable("dev", backend, "0.11.2", {
+        ShapeKey.of(16, 4096, 4096, 16, 4): Tiles(16, 128, 16, 128, 8, 4, 3),
+        ShapeKey.of(4096, 4096, 4096, 64, 4): Tiles(128, 64, 64, 256, 1, 8, 3),
+    })
+    assert_valid(table.lookup(key), key, backend)
+
+
+def test_lookup_picks_the_nearest_stored_shape():
+    decode, prefill = Tiles(16, 128, 16, 128, 8, 4, 3), Tiles(128, 64, 64, 256, 1, 8, 4)
+    table = TileTable("dev", "pallas_gpu", "0.11.2", {
+        ShapeKey.of(16, 4096, 4096, 16, 4): decode, ShapeKey.of(4096, 4096, 4096, 64, 4): prefill})
+    near_decode = ShapeKey.of(24, 4096, 4096, 16, 8)
+    near_prefill = ShapeKey.of(3000, 4096, 4096, 64, 2)
+    assert table.lookup(near_decode) == fit(decode, near_decode, "pallas_gpu")
+    assert table.lookup(near_prefill) == fit(prefill, near_prefill, "pallas_gpu")
+
+
+def test_missing_table_or_other_backend_falls_back_to_heuristic(tmp_path):
+    key = ShapeKey.of(64, 4096, 4096, 16, 8)
+    assert tiles_for(key, "pallas_gpu", tmp_path / "absent.json") == heuristic(key, "pallas_gpu")
+    path = tmp_path / "tpu_table.json"
+    TileTable("dev", "pallas_tpu", "0.11.2", {key: Tiles(16, 512, 16, 512)}).save(path)
+    assert tiles_for(key, "pallas_gpu", path) == heuristic(key, "pallas_gpu")
+    assert tiles_for(key, "pallas_tpu", path) == Tiles(16, 512, 16, 512)
