@@ -1,0 +1,103 @@
+"""SNELLA's kernel, Eq. 5 sparsifier and rematerialisation, against float64 numpy written from METHODS.md."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_inputs, small_model
+from flax import nnx
+
+from valora_jax.adapters import AdapterConfig, attach
+from valora_jax.adapters.snella import mixed_kernel, piecewise_linear_kernel, sparsify
+
+
+def numpy_kernel(a, b, coefficients):
+    """K_ij = sum_p c_p ||a_i,p - b_j,p||_2, rank split into len(c) equal chunks; direct pairwise norms."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    chunk = a.shape[1] // len(coefficients)
+    out = np.zeros((a.shape[0], b.shape[0]))
+    for p, c in enumerate(coefficients):
+        diff = a[:, None, p * chunk:(p + 1) * chunk] - b[None, :, p * chunk:(p + 1) * chunk]
+        out += c * np.sqrt((diff ** 2).sum(-1))
+    return out
+
+
+def numpy_mixed(a, b, alpha, gamma, beta, coefficients):
+    k = numpy_kernel(a, b, coefficients)
+    z = k / gamma
+    soft = np.exp(z - z.max(1, keepdims=True))
+    return k + alpha * soft / soft.sum(1, keepdims=True) + beta
+
+
+def numpy_sparsify(dw, level):
+    tau = np.quantile(np.abs(dw), level)
+    return dw * np.maximum(np.abs(dw) - abs(tau), 0.0)
+
+
+@pytest.fixture
+def factors():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((12, 6)).astype(np.float32), rng.standard_normal((9, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("coefficients", [(0.1, -0.1), (0.3, -0.2, 0.5)])
+def test_piecewise_linear_kernel(factors, coefficients):
+    a, b = factors
+    got = np.asarray(piecewise_linear_kernel(jnp.asarray(a), jnp.asarray(b), coefficients))
+    np.testing.assert_allclose(got, numpy_kernel(a, b, coefficients), rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_kernel_softmax_over_output_dimension(factors):
+    a, b = factors
+    got = np.asarray(mixed_kernel(jnp.asarray(a), jnp.asarray(b), 1.7, 0.05, -0.3, (0.1, -0.1)))
+    np.testing.assert_allclose(got, numpy_mixed(a, b, 1.7, 0.05, -0.3, (0.1, -0.1)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.37, 0.9])
+def test_sparsify_is_eq5(level):
+    dw = np.random.default_rng(1).standard_normal((7, 11)).astype(np.float32)
+    got = np.asarray(sparsify(jnp.asarray(dw), jnp.float32(level)))
+    want = numpy_sparsify(dw, level)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the kept fraction is what the quantile level says (ties aside): 1 - level, within one entry
+    assert abs((want != 0).sum() - (1 - level) * dw.size) <= 1
+
+
+def test_sparsify_hand_values():
+    dw = jnp.asarray([[-4.0, 1.0], [2.0, -3.0]])  # |dW| = 4, 1, 2, 3; median (linear) = 2.5
+    np.testing.assert_array_equal(np.asarray(sparsify(dw, jnp.float32(0.5))), [[-6.0, 0.0], [0.0, -1.5]])
+
+
+def test_snella_layer_matches_numpy_and_keeps_no_dense_residual():
+    """y = x @ dW_s with dW_s from numpy; the gradient pass stores no (d_in, d_out) array (dW is recomputed)."""
+    model = small_model()
+    attach(model, AdapterConfig(kind="snella", rank=4, targets=("down_proj",)), nnx.Rngs(0))
+    linear = model.language_model.layers[0].mlp.down_proj
+    snella = linear.adapter
+    snella.kernel_alpha.set_value(jnp.float32(1.3))
+    snella.kernel_gamma.set_value(jnp.float32(0.02))
+    snella.kernel_beta.set_value(jnp.float32(0.05))
+    snella.sparsity.set_value(jnp.float32(0.6))
+    x = np.random.default_rng(2).standard_normal((3, linear.in_features)).astype(np.float32)
+    dw = numpy_sparsify(numpy_mixed(np.asarray(snella.A[...]), np.asarray(snella.B[...]), 1.3, 0.02, 0.05,
+                                    (0.1, -0.1)), 0.6)
+    np.testing.assert_allclose(np.asarray(snella(jnp.asarray(x))), x.astype(np.float64) @ dw, rtol=1e-4, atol=1e-6)
+
+    graphdef, params, rest = nnx.split(snella, nnx.Param, ...)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+
+    _, backward = jax.vjp(loss, params, jnp.asarray(x))  # its leaves are the residuals kept for the backward pass
+    residual_shapes = [tuple(leaf.shape) for leaf in jax.tree.leaves(backward)]
+    assert (linear.in_features, linear.out_features) not in residual_shapes, residual_shapes
+    assert (3, linear.in_features) in residual_shapes  # the input is what is kept
+
+
+def test_snella_adapts_vision_and_language():
+    model = small_model()
+    attach(model, AdapterConfig(kind="snella", rank=2, towers=("vision_tower", "language_model"),
+                                targets=("fc1", "gate_proj")), nnx.Rngs(0))
+    assert model.vision_tower.layers[1].mlp.fc1.adapter is not None
+    assert model.language_model.layers[1].mlp.gate_proj.adapter is not None
+    assert np.isfinite(np.asarray(model(*small_inputs()))).all()
