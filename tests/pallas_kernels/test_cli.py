@@ -1,0 +1,44 @@
+"""The tune and bench tools run end to end on CPU (interpret mode, tiny grids); no timing is checked."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from pallas_kernels import bench, tune
+from pallas_kernels.tiles import ShapeKey, TileTable
+from tests.pallas_kernels.numpy_reference import lora_delta_f64, relative_error
+
+
+def test_tune_writes_a_table_whose_lookups_run_correctly(tmp_path):
+    out = tmp_path / "cpu.json"
+    tune.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--out", str(out)])
+    table = TileTable.load(out)
+    assert table.backend == "pallas_gpu" and table.device_kind and table.jax_version
+    assert set(table.entries) == {ShapeKey.of(w.tokens, w.d_in, w.d_out, w.rank, w.adapters)
+                                  for w in tune.shape_grid(quick=True)}
+    # an unseen shape: the nearest entry, fitted, must drive a correct kernel
+    rng = np.random.default_rng(3)
+    T, d_in, d_out, N, R = 27, 64, 96, 3, 8
+    x = jnp.asarray(rng.standard_normal((T, d_in)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((N, d_in, R)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((N, R, d_out)), jnp.float32)
+    slots = jnp.asarray(rng.integers(-1, N, T), jnp.int32)
+    ranks, scales = jnp.asarray([8, 5, 2], jnp.int32), jnp.asarray([1.0, 0.5, 2.0], jnp.float32)
+    tiles = table.lookup(ShapeKey.of(T, d_in, d_out, R, N))
+    out = pk.batched_lora(x, a, b, slots, ranks, scales, backend="pallas_gpu", interpret=True, tiles=tiles)
+    assert relative_error(out, lora_delta_f64(x, a, b, slots, ranks, scales)) <= 1e-5
+
+
+def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
+    result = bench.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert [row["case"] for row in written["rows"]] == list(bench.QUICK)
+    markdown = (tmp_path / "bench.md").read_text()
+    for case in bench.QUICK:
+        assert f"| {case} |" in markdown and f"| {case} |" in printed
+    for row in written["rows"]:
+        assert set(bench.COLUMNS) <= set(row)
+        assert all(np.isfinite(row[c]) and row[c] > 0 for c in bench.COLUMNS[4:])

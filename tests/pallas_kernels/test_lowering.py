@@ -1,0 +1,44 @@
+"""The kernels lower for real hardware, not only in interpret mode: exported for an abstract H100
+(Pallas -> Triton IR) and an abstract TPU (Pallas -> Mosaic), with table-free heuristic tiles at a
+7B-class shape. This checks the lowering rules (block shapes, layouts, ops), not the device compilers.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src import mesh as mesh_lib
+
+from pallas_kernels import api
+from pallas_kernels.tiles import ShapeKey, heuristic
+
+# Known and reported: jax 0.11.2 deprecates the Pallas Triton backend in favour of Mosaic GPU.
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+TARGETS = {  # backend: (export platform, device kind, custom call)
+    "pallas_gpu": ("cuda", "NVIDIA H100 80GB HBM3", "__gpu$xla.gpu.triton"),
+    "pallas_tpu": ("tpu", "TPU v5 lite", "tpu_custom_call"),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["delta", "fused"])
+@pytest.mark.parametrize("tokens, rank", [(32, 16), (512, 256)])
+@pytest.mark.parametrize("backend", TARGETS)
+def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused):
+    platform, kind, custom_call = TARGETS[backend]
+    d_in, d_out, slots = 1024, 2048, 8
+    spec = jax.ShapeDtypeStruct
+    lora = (spec((slots, d_in, rank), jnp.bfloat16), spec((slots, rank, d_out), jnp.bfloat16),
+            spec((tokens,), jnp.int32), spec((slots,), jnp.int32), spec((slots,), jnp.float32))
+    tiles = heuristic(ShapeKey.of(tokens, d_in, d_out, rank, slots), backend)
+    static = dict(backend=backend, tiles=tiles, interpret=False)
+    if fused:
+        fn = lambda x, w, *rest: api._lora_projection(x, w, *rest, **static)  # noqa: E731
+        args = (spec((tokens, d_in), jnp.bfloat16), spec((d_in, d_out), jnp.bfloat16), *lora)
+    else:
+        fn = lambda *a: api._batched_lora(*a, **static)  # noqa: E731
+        args = (spec((tokens, d_in), jnp.bfloat16), *lora, spec((tokens, d_out), jnp.bfloat16))
+    device = mesh_lib.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+        exported = jax.export.export(
+            jax.jit(fn), platforms=[platform],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
+    assert exported.mlir_module().count(custom_call) >= 2  # shrink and expand kernels
