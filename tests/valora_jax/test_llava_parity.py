@@ -7,12 +7,18 @@ grouped-query attention, llama3 RoPE, tied embeddings, feature layer -1, CLS kep
 
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors.numpy import load_file
 
 from valora_jax import load_pretrained
 from valora_jax.generation import Generator
 
 MODELS = ["llava_mha", "llava_gqa_legacy"]
+
+
+@nnx.jit
+def forward(model, input_ids, pixel_values, attention_mask, position_ids=None):
+    return model(input_ids, pixel_values, attention_mask, position_ids=position_ids)
 
 
 def rel_err(got, ref, mask):
@@ -34,26 +40,26 @@ def loaded(request, golden_dir):
 
 def test_logits_match_transformers(loaded):
     _, model, _, ref = loaded
-    got = model(ref["input_ids"], ref["pixel_values"], ref["attention_mask"], position_ids=ref["position_ids"])
+    got = forward(model, ref["input_ids"], ref["pixel_values"], ref["attention_mask"], ref["position_ids"])
     assert got.shape == ref["logits"].shape
     assert rel_err(got, ref["logits"], ref["attention_mask"]) <= 1e-4
 
 
 def test_default_positions_match_transformers_forward(loaded):
     _, model, _, ref = loaded
-    got = model(ref["input_ids"], ref["pixel_values"], ref["attention_mask"])
+    got = forward(model, ref["input_ids"], ref["pixel_values"], ref["attention_mask"])
     assert rel_err(got, ref["logits_default_positions"], ref["attention_mask"]) <= 1e-4
 
 
 def test_image_features_match(loaded):
     _, model, _, ref = loaded
-    got = np.asarray(model.image_features(ref["pixel_values"]))
+    got = np.asarray(nnx.jit(lambda m, x: m.image_features(x))(model, ref["pixel_values"]))
     np.testing.assert_allclose(got, ref["image_features"], rtol=0, atol=1e-4 * np.abs(ref["image_features"]).max())
 
 
 def test_unbatched_prompt_matches(loaded):
     _, model, _, ref = loaded
-    got = model(ref["single_input_ids"], ref["single_pixel_values"], ref["single_attention_mask"])
+    got = forward(model, ref["single_input_ids"], ref["single_pixel_values"], ref["single_attention_mask"])
     assert rel_err(got, ref["single_logits"], ref["single_attention_mask"]) <= 1e-4
 
 
