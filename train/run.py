@@ -1,0 +1,159 @@
+"""The job of `python -m train`: tasks in, the fewest adapters that meet their requirements out.
+
+Steps: load the base model and its processor, build the tasks, score the base model, run the greedy
+fusion (train.fusion) with a fresh adapter trained per candidate group, copy each accepted group's
+adapter to `<out>/adapters/<name>`, write the report.
+
+Layout of `--out`:
+    base_scores.json            the base model's scores (kept for --resume)
+    trainings/<group>/          one per group trained: checkpoints/ (Orbax), adapter/ (save_adapter +
+                                head.safetensors/head.json), result.json (scores, trainable parameters)
+    adapters/<adapter_i>/       the accepted adapters (copies of their group's adapter/)
+    metrics.jsonl, report.json, report.md, accuracy.png
+
+`--resume` reuses every finished training (its result.json) and continues an unfinished one from its
+latest checkpoint; because fusion is deterministic given the scores, the resumed job retraces the same
+path and ends with the same adapters. Without it, earlier results in `--out` are discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import shutil
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from train.encoding import Encoder
+from train.evaluate import Evaluator
+from train.fusion import FusionResult, fuse_tasks
+from train.report import MetricsLog, Report, build_report, print_report, write_report
+from train.task_config import DEFAULT_TASKS_FILE, load_tasks
+from train.tasks import Task
+from train.trainer import TrainConfig, new_learner, train_adapter
+from valora_jax import load_pretrained
+from valora_jax.adapters import AdapterConfig, count_trainable, detach, save_adapter
+from valora_jax.config import preset
+from valora_jax.models.llava import LlavaForConditionalGeneration
+from valora_jax.models.tiny_processor import tiny_processor
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny"
+BASE_SEED = 0  # the tiny base's weights: fixed, so every run adapts the same base model
+RESULT_FILE = "result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    out: pathlib.Path
+    model: str = TINY
+    tasks: pathlib.Path = DEFAULT_TASKS_FILE
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig()
+    eval_batch_size: int = 50
+    order: tuple[str, ...] | None = None
+    resume: bool = False
+
+
+def load_base(model: str):
+    """(model, processor) of `tiny` (seeded-random weights, in-memory processor) or an HF LLaVA directory."""
+    if model == TINY:
+        cfg = preset(TINY)
+        base = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(BASE_SEED))
+        return base, tiny_processor(cfg.vision.image_size, cfg.vision.patch_size)
+    base, processor = load_pretrained(model)
+    if processor is None:
+        raise FileNotFoundError(f"{model} has no processor files (tokenizer, image processor); training needs them")
+    return base, processor
+
+
+def group_key(tasks: Sequence[Task]) -> str:
+    return "+".join(task.name for task in tasks)
+
+
+class Job:
+    """One run of the job; `train_and_eval` is the fusion callback."""
+
+    def __init__(self, config: JobConfig):
+        self.config = config
+        self.out = config.out
+        if not config.resume:
+            for stale in ("trainings", "adapters", "base_scores.json", "metrics.jsonl"):
+                path = self.out / stale
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model, processor = load_base(config.model)
+        cfg = self.model.config
+        self.image_size = cfg.vision.image_size
+        self.tasks = load_tasks(config.tasks, image_size=self.image_size, seed=config.train.seed)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.encoder = Encoder(processor, cfg.eos_token_id, pad).fitted(self.tasks)
+        self.evaluator = Evaluator(self.encoder, image_size=self.image_size, batch_size=config.eval_batch_size)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+
+    def base_scores(self) -> dict[str, float]:
+        path = self.out / "base_scores.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        scores = self.evaluator.scores(self.tasks, self.model)
+        path.write_text(json.dumps(scores, indent=2) + "\n")
+        return scores
+
+    def training_dir(self, group: Sequence[Task]) -> pathlib.Path:
+        return self.out / "trainings" / group_key(group)
+
+    def train_and_eval(self, group: Sequence[Task]) -> dict[str, float]:
+        """Train a fresh adapter on `group`, save it, and return its validation score per task."""
+        directory = self.training_dir(group)
+        result_path = directory / RESULT_FILE
+        if result_path.exists():
+            return json.loads(result_path.read_text())["scores"]
+        config = self.config
+        learner = new_learner(self.model, self.tasks, config.adapter, config.train.seed)
+        try:
+            losses = train_adapter(learner, group, self.encoder, config.train, image_size=self.image_size,
+                          checkpoint_dir=directory / "checkpoints", metrics=self.metrics, name=group_key(group),
+                          resume=config.resume)
+            scores = self.evaluator.scores(group, self.model, learner)
+            self.metrics.append(step=config.train.steps, adapter=group_key(group),
+                                loss=losses[-1] if losses else float("nan"), lr=0.0, examples_per_s=0.0,
+                                eval_scores=scores)
+            save_adapter(self.model, directory / "adapter", base_model=config.model)
+            classify = [task.name for task in group if task.head == "classify"]
+            trainable = count_trainable(self.model)
+            if classify:
+                learner.heads.save(directory / "adapter", classify)
+                trainable += learner.heads.parameter_count(classify)
+        finally:
+            detach(self.model)
+        logger.info("%s: %s", group_key(group), ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        result_path.write_text(json.dumps({"scores": scores, "trainable_parameters": trainable}, indent=2) + "\n")
+        return scores
+
+    def publish(self, fusion: FusionResult) -> dict[str, int]:
+        """Copy each accepted adapter to adapters/<name>; returns trainable parameters per adapter."""
+        by_name = {task.name: task for task in self.tasks}
+        trainable = {}
+        for adapter in fusion.adapters:
+            source = self.training_dir([by_name[name] for name in adapter.tasks])
+            shutil.copytree(source / "adapter", self.out / "adapters" / adapter.name, dirs_exist_ok=True)
+            trainable[adapter.name] = json.loads((source / RESULT_FILE).read_text())["trainable_parameters"]
+        return trainable
+
+    def run(self) -> Report:
+        base = self.base_scores()
+        fusion = fuse_tasks(self.tasks, self.train_and_eval, order=self.config.order)
+        report = build_report(self.tasks, base, fusion, kind=self.config.adapter.kind, rank=self.config.adapter.rank,
+                              trainable_parameters=self.publish(fusion))
+        write_report(report, self.out)
+        print_report(report)
+        return report
+
+
+def run(config: JobConfig) -> Report:
+    return Job(config).run()

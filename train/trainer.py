@@ -1,0 +1,225 @@
+"""Train one adapter (and its classify heads) on the union of some tasks: jitted step, checkpoints, resume.
+
+Only adapter variables train: the optimizer is `nnx.Optimizer(learner, adamw, wrt=AdapterParam)`, and the
+gradient is taken with respect to `AdapterParam` alone, so the frozen base costs no optimizer memory.
+Loss, per row then averaged over the batch: cross-entropy of the answer tokens (prompt and padding
+masked) for lm rows, cross-entropy of the label under the row's head for classify rows, so batches may
+mix tasks of both kinds.
+
+Every `checkpoint_every` steps an Orbax checkpoint holds the adapter, heads and optimizer state and the
+grain iterator's position. With `resume`, training continues from the latest one; data order, optimizer
+state and step count are restored, so the end result equals an uninterrupted run. A non-finite loss
+raises `NonFiniteLossError` before anything is saved from that step on, so the last checkpoint stays good.
+
+Data parallel: with `data_parallel = N` the batch is split over a ('data', 'model') mesh of N x 1
+devices and the base and adapter are replicated; the jitted step is the same program, XLA inserts the
+gradient all-reduce, so the loss curve equals the single-device one up to float reassociation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import time
+from collections.abc import Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from train.encoding import Encoder
+from train.heads import ClassifyHeads
+from train.pipeline import make_iterator, train_dataset
+from train.report import MetricsLog
+from train.tasks import Task
+from valora_jax.adapters import AdapterConfig, AdapterParam, AdapterState, attach, update_sparsity
+from valora_jax.sharding import make_mesh, shard_model
+
+LOG_EVERY = 10  # steps between metrics.jsonl records (and host syncs of the loss)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup: int = 10
+    weight_decay: float = 0.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    data_parallel: int = 1
+
+    def schedule(self) -> optax.Schedule:
+        """Linear warmup to `lr`, then cosine decay to zero at `steps`."""
+        return optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup, max(self.steps, self.warmup + 1))
+
+
+class Learner(nnx.Module):
+    """The adapted model and, when the tasks include classify tasks, their heads: what the optimizer sees."""
+
+    def __init__(self, model: nnx.Module, heads: ClassifyHeads | None):
+        self.model = model
+        self.heads = heads
+
+
+def head_indices(tasks: Sequence[Task], heads: ClassifyHeads | None) -> np.ndarray:
+    """Task index -> the task's head among `heads` (-1 for lm tasks)."""
+    names = heads.tasks if heads is not None else ()
+    return np.array([names.index(t.name) if t.head == "classify" else -1 for t in tasks], np.int32)
+
+
+def model_batch(batch: dict, encoder: Encoder, task_heads: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays a step needs from a pipeline batch of tasks whose head positions are `task_heads`."""
+    head_index = task_heads[batch["task"]]
+    arrays = encoder.encode(batch, lm_rows=head_index < 0)
+    arrays.update(label=np.maximum(batch["label"], 0).astype(np.int32), head_index=head_index)
+    return arrays
+
+
+def loss_fn(learner: Learner, batch: dict, answer_window: int) -> jax.Array:
+    """Mean over rows of the answer-token CE (lm rows) or the head CE (classify rows)."""
+    model = learner.model
+    hidden, _ = model.hidden_states(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                    batch["position_ids"])
+    # Answers are left-padded to the end of each row, so only the last `answer_window` positions are scored.
+    logits = model.logits(hidden[:, -answer_window - 1:-1])
+    targets = batch["input_ids"][:, -answer_window:]
+    target_mask = batch["target_mask"][:, -answer_window:].astype(jnp.float32)
+    token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    row_loss = jnp.sum(token_ce * target_mask, axis=1) / jnp.maximum(jnp.sum(target_mask, axis=1), 1.0)
+    if learner.heads is not None:
+        head_logits = learner.heads(hidden[:, -1], batch["head_index"])
+        head_ce = optax.softmax_cross_entropy_with_integer_labels(head_logits, batch["label"])
+        row_loss = jnp.where(batch["head_index"] >= 0, head_ce, row_loss)
+    return jnp.mean(row_loss)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=1)
+def train_step(graphdef, state, batch, answer_window: int, sparsify: bool):
+    """One optimizer step on the adapter variables; returns the new state and the step's loss."""
+    learner, optimizer = nnx.merge(graphdef, state)
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, AdapterParam))
+    loss, grads = grad_fn(learner, batch, answer_window)
+    optimizer.update(learner, grads)
+    if sparsify:
+        update_sparsity(learner.model, grads["model"], optimizer.step[...])
+    return nnx.state((learner, optimizer)), loss
+
+
+def saved_state(learner: Learner, optimizer: nnx.Optimizer) -> nnx.State:
+    """What a checkpoint holds: adapter and head variables, and the optimizer (not the frozen base)."""
+    return nnx.State({"adapter": nnx.state(learner, nnx.Any(AdapterParam, AdapterState)),
+                      "optimizer": nnx.state(optimizer, nnx.Not(nnx.Param))})
+
+
+def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory.resolve(), item_names=("state", "data"),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+class _Batches:
+    """Pipeline batches as model arrays placed on the mesh (the batch axis split over 'data')."""
+
+    def __init__(self, tasks: Sequence[Task], task_heads: np.ndarray, encoder: Encoder, config: TrainConfig, mesh,
+                 image_size: int):
+        dataset = train_dataset(tasks, batch_size=config.batch_size, seed=config.seed, image_size=image_size)
+        self.iterator = make_iterator(dataset)
+        self.encoder, self.task_heads = encoder, task_heads
+        self.sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    def __next__(self) -> dict[str, jax.Array]:
+        arrays = model_batch(next(self.iterator), self.encoder, self.task_heads)
+        return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in arrays.items()}
+
+
+def new_learner(model: nnx.Module, suite: Sequence[Task], adapter: AdapterConfig, seed: int) -> Learner:
+    """Attach a fresh adapter, initialised from `seed`, with fresh heads for every classify task of the suite.
+
+    Heads exist for the whole suite, not only the tasks being trained, so every group of a fusion run
+    has the same graph and the train step compiles once; heads of absent tasks get no gradient and are
+    not saved.
+    """
+    rngs = nnx.Rngs(seed)
+    attach(model, adapter, rngs)
+    label_sets = {t.name: t.labels for t in suite if t.head == "classify"}
+    heads = ClassifyHeads(model.config.text.hidden_size, label_sets, rngs=rngs) if label_sets else None
+    return Learner(model, heads)
+
+
+def train_adapter(
+    learner: Learner,
+    tasks: Sequence[Task],
+    encoder: Encoder,
+    config: TrainConfig,
+    *,
+    image_size: int,
+    checkpoint_dir: pathlib.Path,
+    metrics: MetricsLog,
+    name: str,
+    resume: bool = False,
+) -> list[float]:
+    """Train `learner`'s adapter variables in place for `config.steps` steps; returns the loss per step run."""
+    mesh = make_mesh(data=config.data_parallel)
+    shard_model(learner, mesh)
+    optimizer = nnx.Optimizer(learner, optax.adamw(config.schedule(), weight_decay=config.weight_decay),
+                              wrt=AdapterParam)
+    batches = _Batches(tasks, head_indices(tasks, learner.heads), encoder, config, mesh, image_size)
+    sparsify = learner.model.adapter_config.kind == "snella"
+    schedule = config.schedule()
+    start = 0
+    with _checkpoint_manager(checkpoint_dir) as manager:
+        if resume and manager.latest_step() is not None:
+            start = manager.latest_step()
+            restored = manager.restore(start, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(saved_state(learner, optimizer)),
+                data=grain.checkpoint.CheckpointRestore(batches.iterator)))
+            nnx.update((learner, optimizer), restored["state"]["adapter"], restored["state"]["optimizer"])
+        graphdef, state = nnx.split((learner, optimizer))
+        losses: list[float] = []
+        pending: list[jax.Array] = []
+        last_good = start if start else None
+        progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=name, unit="step",
+                        dynamic_ncols=True, leave=False)
+        tick = time.perf_counter()
+        with jax.set_mesh(mesh):
+            for step in progress:
+                state, loss = train_step(graphdef, state, next(batches), encoder.answer_window, sparsify)
+                pending.append(loss)
+                done = step + 1
+                if done % LOG_EVERY and done % config.checkpoint_every and done != config.steps:
+                    continue
+                values = [float(v) for v in pending]
+                pending.clear()
+                bad = next((i for i, v in enumerate(values) if not np.isfinite(v)), None)
+                if bad is not None:
+                    raise NonFiniteLossError(
+                        f"{name}: loss is {values[bad]} at step {done - len(values) + bad + 1}; stopped. The last "
+                        f"good checkpoint is " + (f"step {last_good} in {checkpoint_dir}" if last_good else "none")
+                        + "; lower --lr or check the data, then rerun with --resume.")
+                losses += values
+                now = time.perf_counter()
+                rate = len(values) * config.batch_size / (now - tick)
+                tick = now
+                progress.set_postfix(loss=f"{values[-1]:.4f}", ex_s=f"{rate:.0f}")
+                metrics.append(step=done, adapter=name, loss=values[-1], lr=float(schedule(done)), examples_per_s=rate)
+                if done % config.checkpoint_every == 0 or done == config.steps:
+                    nnx.update((learner, optimizer), state)
+                    manager.save(done, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(saved_state(learner, optimizer)),
+                        data=grain.checkpoint.CheckpointSave(batches.iterator)))
+                    manager.wait_until_finished()
+                    last_good = done
+        progress.close()
+    nnx.update((learner, optimizer), state)
+    return losses
