@@ -46,7 +46,7 @@ def save_adapter(model: nnx.Module, directory: str | pathlib.Path, *, base_model
         tensors = {f"{path}.{hook_name(config.kind)}.{name}": np.asarray(value, np.float32)
                    for path, arrays in extract(model).items() for name, value in arrays.items() if name != "scaling"}
         config_json, metadata = {"adapter_format": VALORA_FORMAT, **config.to_json()}, {"format": VALORA_FORMAT}
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / WEIGHTS_FILE), metadata)
+    save_file({k: np.array(v, order="C") for k, v in tensors.items()}, str(directory / WEIGHTS_FILE), metadata)
     (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
 
 
