@@ -64,6 +64,12 @@ class TrainConfig:
         """Linear warmup to `lr`, then cosine decay to zero at `steps`."""
         return optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup, max(self.steps, self.warmup + 1))
 
+    @functools.cache
+    def transform(self) -> optax.GradientTransformation:
+        """AdamW on the schedule; one object per config, because the optimizer is static in the jitted step
+        (a new transform per adapter would compile the step again)."""
+        return optax.adamw(self.schedule(), weight_decay=self.weight_decay)
+
 
 class Learner(nnx.Module):
     """The adapted model and, when the tasks include classify tasks, their heads: what the optimizer sees."""
@@ -105,22 +111,28 @@ def loss_fn(learner: Learner, batch: dict, answer_window: int) -> jax.Array:
     return jnp.mean(row_loss)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=1)
-def train_step(graphdef, state, batch, answer_window: int, sparsify: bool):
-    """One optimizer step on the adapter variables; returns the new state and the step's loss."""
-    learner, optimizer = nnx.merge(graphdef, state)
+TRAINED = nnx.Any(AdapterParam, AdapterState, nnx.OptState)  # what a step changes: adapter, heads, optimizer
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=1)
+def train_step(graphdef, trained, frozen, batch, answer_window: int, sparsify: bool):
+    """One optimizer step on the adapter variables; returns the new `trained` state and the step's loss.
+
+    Only `trained` is donated: the frozen base stays valid whatever happens to a step.
+    """
+    learner, optimizer = nnx.merge(graphdef, trained, frozen)
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, AdapterParam))
     loss, grads = grad_fn(learner, batch, answer_window)
     optimizer.update(learner, grads)
     if sparsify:
         update_sparsity(learner.model, grads["model"], optimizer.step[...])
-    return nnx.state((learner, optimizer)), loss
+    return nnx.state((learner, optimizer), TRAINED), loss
 
 
 def saved_state(learner: Learner, optimizer: nnx.Optimizer) -> nnx.State:
     """What a checkpoint holds: adapter and head variables, and the optimizer (not the frozen base)."""
     return nnx.State({"adapter": nnx.state(learner, nnx.Any(AdapterParam, AdapterState)),
-                      "optimizer": nnx.state(optimizer, nnx.Not(nnx.Param))})
+                      "optimizer": nnx.state(optimizer, nnx.OptState)})
 
 
 def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
@@ -172,8 +184,7 @@ def train_adapter(
     """Train `learner`'s adapter variables in place for `config.steps` steps; returns the loss per step run."""
     mesh = make_mesh(data=config.data_parallel)
     shard_model(learner, mesh)
-    optimizer = nnx.Optimizer(learner, optax.adamw(config.schedule(), weight_decay=config.weight_decay),
-                              wrt=AdapterParam)
+    optimizer = nnx.Optimizer(learner, config.transform(), wrt=AdapterParam)
     batches = _Batches(tasks, head_indices(tasks, learner.heads), encoder, config, mesh, image_size)
     sparsify = learner.model.adapter_config.kind == "snella"
     schedule = config.schedule()
@@ -184,8 +195,9 @@ def train_adapter(
             restored = manager.restore(start, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(saved_state(learner, optimizer)),
                 data=grain.checkpoint.CheckpointRestore(batches.iterator)))
-            nnx.update((learner, optimizer), restored["state"]["adapter"], restored["state"]["optimizer"])
-        graphdef, state = nnx.split((learner, optimizer))
+            nnx.update(learner, restored["state"]["adapter"])
+            nnx.update(optimizer, restored["state"]["optimizer"])
+        graphdef, trained, frozen = nnx.split((learner, optimizer), TRAINED, ...)
         losses: list[float] = []
         pending: list[jax.Array] = []
         last_good = start if start else None
@@ -194,7 +206,7 @@ def train_adapter(
         tick = time.perf_counter()
         with jax.set_mesh(mesh):
             for step in progress:
-                state, loss = train_step(graphdef, state, next(batches), encoder.answer_window, sparsify)
+                trained, loss = train_step(graphdef, trained, frozen, next(batches), encoder.answer_window, sparsify)
                 pending.append(loss)
                 done = step + 1
                 if done % LOG_EVERY and done % config.checkpoint_every and done != config.steps:
@@ -214,12 +226,12 @@ def train_adapter(
                 progress.set_postfix(loss=f"{values[-1]:.4f}", ex_s=f"{rate:.0f}")
                 metrics.append(step=done, adapter=name, loss=values[-1], lr=float(schedule(done)), examples_per_s=rate)
                 if done % config.checkpoint_every == 0 or done == config.steps:
-                    nnx.update((learner, optimizer), state)
+                    nnx.update((learner, optimizer), trained)
                     manager.save(done, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(saved_state(learner, optimizer)),
                         data=grain.checkpoint.CheckpointSave(batches.iterator)))
                     manager.wait_until_finished()
                     last_good = done
         progress.close()
-    nnx.update((learner, optimizer), state)
+    nnx.update((learner, optimizer), trained)
     return losses

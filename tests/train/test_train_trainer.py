@@ -1,0 +1,107 @@
+"""The adapter trainer on a real (tiny) LLaVA: resume after a kill, non-finite loss, 8-device data parallel.
+
+References are independent runs of the same training: an uninterrupted run for resume, a single-device
+run for data parallel. The model is the golden tiny HF LLaVA (tests/golden/llava_mha), loaded once.
+"""
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import train.trainer as trainer
+from tests.train.conftest import marked_image
+from train.encoding import Encoder
+from train.report import MetricsLog
+from train.run import load_base
+from train.tasks import Example, Task
+from valora_jax.adapters import AdapterConfig, AdapterParam, detach
+
+pytestmark = pytest.mark.xdist_group("train_llava_mha")
+
+ADAPTER = AdapterConfig(kind="lora", rank=4, alpha=8.0, towers=("language_model", "vision_tower", "multi_modal_projector"),
+                        targets=("q_proj", "v_proj", "fc1", "linear_1", "gate_proj"))
+
+
+def brightness_tasks() -> list[Task]:
+    """A classify task and an lm task over white/black images (label: is it white)."""
+    def examples(n, offset):
+        return [(marked_image(255 if (i + offset) % 2 else 0, 32), (i + offset) % 2) for i in range(n)]
+
+    classify = Task("bright", "classify", "accuracy", 0.9, "is the image white ?",
+                    [Example(im, ("no", "yes")[y], y) for im, y in examples(16, 0)],
+                    [Example(im, ("no", "yes")[y], y) for im, y in examples(4, 1)], labels=("no", "yes"))
+    lm = Task("white", "lm", "accuracy", 0.9, "what colour is the image ?",
+              [Example(im, ("black", "white")[y]) for im, y in examples(16, 0)],
+              [Example(im, ("black", "white")[y]) for im, y in examples(4, 1)])
+    return [classify, lm]
+
+
+@pytest.fixture(scope="module")
+def setup(golden_dir):
+    model, processor = load_base(str(golden_dir / "llava_mha"))
+    tasks = brightness_tasks()
+    encoder = Encoder(processor, model.config.eos_token_id, model.config.pad_token_id).fitted(tasks)
+    return model, tasks, encoder
+
+
+def run_training(setup, directory, *, steps=6, checkpoint_every=2, batch_size=8, data_parallel=1, resume=False):
+    """(losses, adapter and head weights as numpy) of one training; the model is left without adapter."""
+    model, tasks, encoder = setup
+    learner = trainer.new_learner(model, tasks, ADAPTER, seed=0)
+    config = trainer.TrainConfig(steps=steps, batch_size=batch_size, lr=1e-2, warmup=2,
+                                 checkpoint_every=checkpoint_every, data_parallel=data_parallel)
+    try:
+        losses = trainer.train_adapter(learner, tasks, encoder, config, image_size=32,
+                                       checkpoint_dir=directory / "ckpt", metrics=MetricsLog(directory / "m.jsonl"),
+                                       name="test", resume=resume)
+        weights = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(learner, AdapterParam)))
+    finally:
+        detach(model)
+    return losses, weights
+
+
+def interrupt_after(monkeypatch, calls: int, make_failure):
+    """Make the train step fail on call number `calls` (1-based) with what `make_failure(result)` does."""
+    real_step, count = trainer.train_step, [0]
+
+    def step(*args):
+        count[0] += 1
+        result = real_step(*args)
+        return make_failure(result) if count[0] == calls else result
+
+    monkeypatch.setattr(trainer, "train_step", step)
+
+
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(setup, tmp_path, monkeypatch):
+    full_losses, full = run_training(setup, tmp_path / "full")
+
+    def kill(_):
+        raise KeyboardInterrupt("killed")
+
+    interrupt_after(monkeypatch, 5, kill)  # checkpoints at steps 2 and 4; step 5 dies
+    with pytest.raises(KeyboardInterrupt):
+        run_training(setup, tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed_losses, resumed = run_training(setup, tmp_path / "resumed", resume=True)
+
+    assert resumed_losses == pytest.approx(full_losses[4:], abs=1e-6)  # steps 5..6 see the same batches
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), resumed, full)
+    assert np.abs(full["heads"]["kernel"]).sum() > 0 and full_losses[-1] < full_losses[0]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    interrupt_after(monkeypatch, 5, lambda result: (result[0], result[1] * np.nan))
+    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is nan at step 5.*last good checkpoint is step 4"):
+        run_training(setup, tmp_path, steps=8, checkpoint_every=4)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        assert manager.all_steps() == [4]
+
+
+def test_eight_device_data_parallel_matches_one_device(setup, tmp_path):
+    assert len(jax.devices()) >= 8
+    one, one_weights = run_training(setup, tmp_path / "one", steps=4, checkpoint_every=100)
+    eight, eight_weights = run_training(setup, tmp_path / "eight", steps=4, checkpoint_every=100, data_parallel=8)
+    np.testing.assert_allclose(eight, one, rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), eight_weights, one_weights)
