@@ -58,7 +58,7 @@ def canonical_name(key: str) -> str:
     return key
 
 
-def _to_model_path(canonical: str, params: dict[str, nnx.Variable]) -> tuple[str | None, bool]:
+def model_param_path(canonical: str, params: dict[str, nnx.Variable]) -> tuple[str | None, bool]:
     """(our parameter path, transpose?) for a canonical HF name; path None when it has no counterpart."""
     name = canonical
     for pattern, repl in _RENAMES:
@@ -120,7 +120,7 @@ def load_weights(model_dir: str | pathlib.Path, cfg: LlavaConfig, *, dtype=jnp.f
         with safe_open(file, framework="np") as reader:
             for key in reader.keys():
                 canonical = canonical_name(key)
-                path, transpose = _to_model_path(canonical, flat)
+                path, transpose = model_param_path(canonical, flat)
                 if path is None:
                     tied_head = cfg.tie_word_embeddings and canonical == "lm_head.weight"
                     if not tied_head and not any(re.search(p, canonical) for p in _IGNORED):

@@ -39,7 +39,7 @@ def linear_kernels(model: nnx.Module) -> dict[str, Linear]:
 
 def module_path_from_hf(hf_module: str, kernels: dict[str, Linear]) -> str | None:
     """Our Linear path for an HF module name, or None when the model has no such projection."""
-    path, _ = loading._to_model_path(loading.canonical_name(hf_module + ".weight"), kernels)
+    path, _ = loading.model_param_path(loading.canonical_name(hf_module + ".weight"), kernels)
     return None if path is None else path[: -len(".kernel")]
 
 
