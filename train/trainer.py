@@ -1,10 +1,7 @@
 """Train one adapter (and its classify heads) on the union of some tasks: jitted step, checkpoints, resume.
 
-Only adapter variables train: the optimizer is `nnx.Optimizer(learner, adamw, wrt=AdapterParam)`, and the
-gradient is taken with respect to `AdapterParam` alone, so the frozen base costs no optimizer memory.
-Loss, per row then averaged over the batch: cross-entropy of the answer tokens (prompt and padding
-masked) for lm rows, cross-entropy of the label under the row's head for classify rows, so batches may
-mix tasks of both kinds.
+Only adapter variables train: the optimizer is `nnx.Optimizer(learner, adamw, wrt=AdapterParam)` and the
+step (train.step) differentiates with respect to `AdapterParam` alone.
 
 Every `checkpoint_every` steps an Orbax checkpoint holds the adapter, heads and optimizer state and the
 grain iterator's position. With `resume`, training continues from the latest one; data order, optimizer
@@ -26,7 +23,6 @@ from collections.abc import Sequence
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -38,8 +34,9 @@ from train.encoding import Encoder
 from train.heads import ClassifyHeads
 from train.pipeline import make_iterator, train_dataset
 from train.report import MetricsLog
+from train.step import TRAINED, Learner, train_step
 from train.tasks import Task
-from valora_jax.adapters import AdapterConfig, AdapterParam, AdapterState, attach, update_sparsity
+from valora_jax.adapters import AdapterConfig, AdapterParam, AdapterState, attach
 from valora_jax.sharding import make_mesh, shard_model
 
 LOG_EVERY = 10  # steps between metrics.jsonl records (and host syncs of the loss)
@@ -71,14 +68,6 @@ class TrainConfig:
         return optax.adamw(self.schedule(), weight_decay=self.weight_decay)
 
 
-class Learner(nnx.Module):
-    """The adapted model and, when the tasks include classify tasks, their heads: what the optimizer sees."""
-
-    def __init__(self, model: nnx.Module, heads: ClassifyHeads | None):
-        self.model = model
-        self.heads = heads
-
-
 def head_indices(tasks: Sequence[Task], heads: ClassifyHeads | None) -> np.ndarray:
     """Task index -> the task's head among `heads` (-1 for lm tasks)."""
     names = heads.tasks if heads is not None else ()
@@ -91,42 +80,6 @@ def model_batch(batch: dict, encoder: Encoder, task_heads: np.ndarray) -> dict[s
     arrays = encoder.encode(batch, lm_rows=head_index < 0)
     arrays.update(label=np.maximum(batch["label"], 0).astype(np.int32), head_index=head_index)
     return arrays
-
-
-def loss_fn(learner: Learner, batch: dict, answer_window: int) -> jax.Array:
-    """Mean over rows of the answer-token CE (lm rows) or the head CE (classify rows)."""
-    model = learner.model
-    hidden, _ = model.hidden_states(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                    batch["position_ids"])
-    # Answers are left-padded to the end of each row, so only the last `answer_window` positions are scored.
-    logits = model.logits(hidden[:, -answer_window - 1:-1])
-    targets = batch["input_ids"][:, -answer_window:]
-    target_mask = batch["target_mask"][:, -answer_window:].astype(jnp.float32)
-    token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    row_loss = jnp.sum(token_ce * target_mask, axis=1) / jnp.maximum(jnp.sum(target_mask, axis=1), 1.0)
-    if learner.heads is not None:
-        head_logits = learner.heads(hidden[:, -1], batch["head_index"])
-        head_ce = optax.softmax_cross_entropy_with_integer_labels(head_logits, batch["label"])
-        row_loss = jnp.where(batch["head_index"] >= 0, head_ce, row_loss)
-    return jnp.mean(row_loss)
-
-
-TRAINED = nnx.Any(AdapterParam, AdapterState, nnx.OptState)  # what a step changes: adapter, heads, optimizer
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=1)
-def train_step(graphdef, trained, frozen, batch, answer_window: int, sparsify: bool):
-    """One optimizer step on the adapter variables; returns the new `trained` state and the step's loss.
-
-    Only `trained` is donated: the frozen base stays valid whatever happens to a step.
-    """
-    learner, optimizer = nnx.merge(graphdef, trained, frozen)
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, AdapterParam))
-    loss, grads = grad_fn(learner, batch, answer_window)
-    optimizer.update(learner, grads)
-    if sparsify:
-        update_sparsity(learner.model, grads["model"], optimizer.step[...])
-    return nnx.state((learner, optimizer), TRAINED), loss
 
 
 def saved_state(learner: Learner, optimizer: nnx.Optimizer) -> nnx.State:
