@@ -87,11 +87,9 @@ def _lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, *, backend, 
         return reference.lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales)
     grouping = group_tokens(slot_ids, a_pool.shape[0], tiles.block_t, include_unadapted=True)
     if backend == "pallas_gpu":
-        xa = gpu.shrink(x, a_pool, ranks, scales, grouping, tiles, interpret)
-        return gpu.expand(xa, b_pool, ranks, grouping, tiles, interpret, x=x, w=w)
+        return gpu.projection(x, w, a_pool, b_pool, ranks, scales, grouping, tiles, interpret)
     x_sorted = x[jnp.maximum(grouping.row_token, 0)]
-    xa = tpu.shrink(x_sorted, a_pool, ranks, scales, grouping, tiles, interpret)
-    y_sorted = tpu.expand(xa, b_pool, ranks, grouping, tiles, interpret, x.dtype, x_sorted=x_sorted, w=w)
+    y_sorted = tpu.projection(x_sorted, w, a_pool, b_pool, ranks, scales, grouping, tiles, interpret)
     return y_sorted[grouping.token_row]
 
 
@@ -112,7 +110,11 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, *, base_out=None, b
 
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, *, backend: str = "auto",
                     interpret: bool = False, tiles: Tiles | None = None) -> jax.Array:
-    """x @ w plus every token's LoRA delta, fused: one kernel writes y once (see batched_lora)."""
+    """x @ w plus every token's LoRA delta, fused: one kernel writes y once (see batched_lora).
+
+    With tiles.fuse_shrink (the heuristic's choice for decode-sized T) that kernel also computes
+    x @ A, so x is read once; otherwise a shrink kernel runs first (see Tiles.fuse_shrink).
+    """
     key = _validate(x, a_pool, b_pool, slot_ids, ranks, scales, w=w)
     backend = resolve_backend(backend)
     return _lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, backend=backend,

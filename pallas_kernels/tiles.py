@@ -19,11 +19,18 @@ TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiles"
 KEY_FIELDS = ("tokens", "d_in", "d_out", "rank", "adapters")
 TPU_SUBLANES, TPU_LANES = 8, 128
 GPU_MIN_DOT = 16  # Triton's tl.dot needs every block dim >= 16
+FUSE_SHRINK_MAX_TOKENS = 256  # decode-sized token buckets: memory- and launch-bound
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Block sizes along tokens, d_in, rank and d_out; split-K and pipelining are GPU-only knobs."""
+    """Block sizes along tokens, d_in, rank and d_out; split-K and pipelining are GPU-only knobs.
+
+    fuse_shrink (lora_projection only): compute x @ A inside the projection kernel's d_in loop, next
+    to x @ W, instead of in a separate shrink kernel. x is then read once and one kernel runs, but
+    every d_out tile recomputes the shrink (R / block_n extra FLOPs over the base GEMM): a win while
+    the call is bound by bytes and launches (decode), a loss once it is bound by FLOPs (prefill).
+    """
 
     block_t: int
     block_k: int
@@ -32,6 +39,7 @@ class Tiles:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    fuse_shrink: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,17 +116,21 @@ def heuristic(key: ShapeKey, backend: str) -> Tiles:
     Token tiles follow the mean segment length T / adapters (decode segments are a token or two, so
     small tiles waste least padding; prefill segments are long, so large tiles reuse weights); split-K
     spreads the shrink of a short batch over more programs, since few token tiles cannot fill the
-    GPU; wide d_out tiles amortise each token tile's reads. `fit` then enforces each backend's rules.
+    GPU; wide d_out tiles amortise each token tile's reads. The shrink is fused into the projection
+    for token buckets up to FUSE_SHRINK_MAX_TOKENS, where the recomputed x @ A hides under the bytes
+    (see Tiles). `fit` then enforces each backend's rules.
     """
+    fuse_shrink = key.tokens <= FUSE_SHRINK_MAX_TOKENS
     segment = max(1, key.tokens // key.adapters)
     block_t = 16 if segment <= 16 else 64 if segment <= 256 else 128
     if backend == "pallas_gpu":
         split_k = 8 if key.tokens <= 64 else 4 if key.tokens <= 512 else 1
         tiles = Tiles(block_t=block_t, block_k=64 if block_t >= 128 else 128, block_r=min(key.rank, 64),
                       block_n=256 if block_t >= 128 else 128, split_k=split_k,
-                      num_warps=8 if block_t >= 128 else 4, num_stages=3)
+                      num_warps=8 if block_t >= 128 else 4, num_stages=3, fuse_shrink=fuse_shrink)
     else:
-        tiles = Tiles(block_t=block_t, block_k=512, block_r=min(key.rank, 256), block_n=512)
+        tiles = Tiles(block_t=block_t, block_k=512, block_r=min(key.rank, 256), block_n=512,
+                      fuse_shrink=fuse_shrink)
     return fit(tiles, key, backend)
 
 

@@ -10,6 +10,9 @@ the layout) map to the block the previous step used, so the pipeline issues no D
   accumulated in the resident output block. Columns past the rank are zeroed, not left unwritten.
 - expand: grid (token tiles, d_out blocks, steps); the step axis runs the base GEMM's d_in blocks
   (fused projection only) and then the slot's rank blocks into one float32 accumulator.
+- projection with tiles.fuse_shrink: the expand alone; its d_in steps also accumulate x @ A into a
+  VMEM scratch, so x is read once and one kernel runs, while each d_out block recomputes the shrink
+  (see Tiles.fuse_shrink).
 """
 from __future__ import annotations
 
@@ -108,9 +111,36 @@ def shrink(x_sorted, a_pool, ranks, scales, grouping: Grouping, tiles: Tiles, in
     )(grouping.tile_slot, grouping.num_tiles, ranks, scales, x_sorted, a_pool)
 
 
-def _expand_kernel(tile_slot_ref, num_tiles_ref, ranks_ref, *refs, num_slots: int, block_r: int,
-                   base_steps: int):
-    if base_steps:
+class _Steps:
+    """The expand's step axis: d_in steps, then one step per rank block of B.
+
+    Each d_in block of the base GEMM takes one step, or, with the shrink fused, one step per rank
+    block of A (the x and W blocks stay resident across them, and A blocks past the slot's rank map
+    to the block before, so they cost neither DMA nor FLOPs).
+    """
+
+    def __init__(self, base_blocks: int, rank_blocks: int, fuse_shrink: bool):
+        self.base_blocks, self.rank_blocks, self.fuse_shrink = base_blocks, rank_blocks, fuse_shrink
+        self.per_k = rank_blocks if fuse_shrink else 1
+        self.d_in = base_blocks * self.per_k
+        self.total = self.d_in + rank_blocks
+
+    def k_block(self, step):
+        return jnp.minimum(step // self.per_k, self.base_blocks - 1)
+
+    def shrink_block(self, step):
+        """Rank block of A that a d_in step accumulates; the rank steps keep the last one."""
+        return jnp.where(step < self.d_in, step % self.per_k, self.per_k - 1)
+
+    def expand_block(self, step):
+        return step - self.d_in
+
+
+def _expand_kernel(*refs, num_slots: int, block_r: int, steps: _Steps):
+    tile_slot_ref, num_tiles_ref, ranks_ref, *refs = refs
+    if steps.fuse_shrink:
+        scales_ref, x_ref, w_ref, a_ref, b_ref, out_ref, acc_ref, xa_ref = refs
+    elif steps.base_blocks:
         x_ref, w_ref, xa_ref, b_ref, out_ref, acc_ref = refs
     else:
         xa_ref, b_ref, out_ref, acc_ref = refs
@@ -120,67 +150,107 @@ def _expand_kernel(tile_slot_ref, num_tiles_ref, ranks_ref, *refs, num_slots: in
     @pl.when(step == 0)
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
+        if steps.fuse_shrink:
+            xa_ref[...] = jnp.zeros_like(xa_ref)
 
-    if base_steps:
-        @pl.when(info.in_layout & (step < base_steps))
+    if steps.base_blocks:
+        @pl.when(info.in_layout & (step < steps.d_in) & (step % steps.per_k == 0))
         def _():
             acc_ref[...] += _dot(x_ref[...], w_ref[...])
 
-    rank_block = step - base_steps
+    if steps.fuse_shrink:
+        shrink_block = steps.shrink_block(step)
+
+        @pl.when((step < steps.d_in) & (shrink_block * block_r < info.rank))
+        def _():
+            a = a_ref[...]
+            a = jnp.where(_rank_mask(shrink_block, info.rank, block_r, a.shape, 1), a, 0)
+            xa_ref[shrink_block] += _dot(x_ref[...], a)
+
+    rank_block = steps.expand_block(step)
 
     @pl.when((rank_block >= 0) & (rank_block * block_r < info.rank))
     def _():
         b = b_ref[...]
         b = jnp.where(_rank_mask(rank_block, info.rank, block_r, b.shape, 0), b, 0)
-        acc_ref[...] += _dot(xa_ref[...].astype(b.dtype), b)
+        xa = xa_ref[rank_block] * scales_ref[info.safe_slot] if steps.fuse_shrink else xa_ref[...]
+        acc_ref[...] += _dot(xa.astype(b.dtype), b)
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():
         out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def expand(xa, b_pool, ranks, grouping: Grouping, tiles: Tiles, interpret: bool, out_dtype, *,
-           x_sorted=None, w=None):
-    """[x @ W] + xa @ B for every tile of the layout, (Tp, d_out) in `out_dtype`, slot-sorted rows."""
+def _expand(b_pool, ranks, grouping: Grouping, tiles: Tiles, interpret: bool, out_dtype, *, xa=None,
+            a_pool=None, scales=None, x_sorted=None, w=None):
+    """The expand kernel; `xa` from `shrink`, or `a_pool` and `scales` to fuse the shrink (needs x, w)."""
     num_slots, rank_buffer, d_out = b_pool.shape
     bt, bk, br, bn = tiles.block_t, tiles.block_k, tiles.block_r, tiles.block_n
-    base_steps = 0 if w is None else w.shape[0] // bk
-    rank_blocks = rank_buffer // br
+    steps = _Steps(0 if w is None else w.shape[0] // bk, rank_buffer // br, fuse_shrink=xa is None)
 
     def info(t, refs):
-        return _TileInfo(t, *refs, num_slots=num_slots, block_r=br)
+        return _TileInfo(t, *refs[:3], num_slots=num_slots, block_r=br)
 
     def rank_block_of(t, s, refs):
-        return jnp.clip(s - base_steps, 0, info(t, refs).last_rank_block)
-
-    def xa_map(t, n, s, *refs):
-        return info(t, refs).resident_tile, rank_block_of(t, s, refs)
+        return jnp.clip(steps.expand_block(s), 0, info(t, refs).last_rank_block)
 
     def b_map(t, n, s, *refs):
         return info(t, refs).safe_slot, rank_block_of(t, s, refs), n
 
-    in_specs = [pl.BlockSpec((bt, br), xa_map), pl.BlockSpec((None, br, bn), b_map)]
-    operands = [xa, b_pool]
-    if base_steps:
-        last = base_steps - 1
-        in_specs = [
-            pl.BlockSpec((bt, bk), lambda t, n, s, *refs: (info(t, refs).resident_tile, jnp.minimum(s, last))),
-            pl.BlockSpec((bk, bn), lambda t, n, s, *refs: (jnp.minimum(s, last), n)),
-        ] + in_specs
-        operands = [x_sorted, w] + operands
+    def a_map(t, n, s, *refs):
+        i = info(t, refs)
+        return i.safe_slot, steps.k_block(s), jnp.minimum(steps.shrink_block(s), i.last_rank_block)
+
+    in_specs, operands, scratch = [], [], [pltpu.VMEM((bt, bn), jnp.float32)]
+    if steps.base_blocks:
+        in_specs += [
+            pl.BlockSpec((bt, bk), lambda t, n, s, *refs: (info(t, refs).resident_tile, steps.k_block(s))),
+            pl.BlockSpec((bk, bn), lambda t, n, s, *refs: (steps.k_block(s), n)),
+        ]
+        operands += [x_sorted, w]
+    if steps.fuse_shrink:
+        in_specs.append(pl.BlockSpec((None, bk, br), a_map))
+        operands.append(a_pool)
+        scratch.append(pltpu.VMEM((steps.rank_blocks, bt, br), jnp.float32))
+    else:
+        in_specs.append(pl.BlockSpec(
+            (bt, br), lambda t, n, s, *refs: (info(t, refs).resident_tile, rank_block_of(t, s, refs))))
+        operands.append(xa)
+    in_specs.append(pl.BlockSpec((None, br, bn), b_map))
+    operands.append(b_pool)
+    scalars = [grouping.tile_slot, grouping.num_tiles, ranks] + ([scales] if steps.fuse_shrink else [])
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
-        grid=(grouping.tile_slot.shape[0], d_out // bn, base_steps + rank_blocks),
+        num_scalar_prefetch=len(scalars),
+        grid=(grouping.tile_slot.shape[0], d_out // bn, steps.total),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((bt, bn), lambda t, n, s, *_: (t, n)),
-        scratch_shapes=[pltpu.VMEM((bt, bn), jnp.float32)],
+        scratch_shapes=scratch,
     )
     return pl.pallas_call(
-        functools.partial(_expand_kernel, num_slots=num_slots, block_r=br, base_steps=base_steps),
+        functools.partial(_expand_kernel, num_slots=num_slots, block_r=br, steps=steps),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((grouping.row_token.shape[0], d_out), out_dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_interpret(interpret),
-        name="atmm_expand",
-    )(grouping.tile_slot, grouping.num_tiles, ranks, *operands)
+        name="atmm_projection" if steps.fuse_shrink else "atmm_expand",
+    )(*scalars, *operands)
+
+
+def expand(xa, b_pool, ranks, grouping: Grouping, tiles: Tiles, interpret: bool, out_dtype):
+    """xa @ B for every tile of the layout, (Tp, d_out) in `out_dtype`, slot-sorted rows."""
+    return _expand(b_pool, ranks, grouping, tiles, interpret, out_dtype, xa=xa)
+
+
+def projection(x_sorted, w, a_pool, b_pool, ranks, scales, grouping: Grouping, tiles: Tiles,
+               interpret: bool):
+    """x @ W + delta for every tile of the layout, slot-sorted rows in x's dtype.
+
+    With tiles.fuse_shrink one kernel reads each x block once for both x @ W and x @ A (the shrink
+    recomputed per d_out block); without it the shrink kernel runs first and x is read twice.
+    """
+    if tiles.fuse_shrink:
+        return _expand(b_pool, ranks, grouping, tiles, interpret, x_sorted.dtype, a_pool=a_pool,
+                       scales=scales, x_sorted=x_sorted, w=w)
+    xa = shrink(x_sorted, a_pool, ranks, scales, grouping, tiles, interpret)
+    return _expand(b_pool, ranks, grouping, tiles, interpret, x_sorted.dtype, xa=xa, x_sorted=x_sorted, w=w)

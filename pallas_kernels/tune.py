@@ -3,14 +3,15 @@
     python -m pallas_kernels.tune [--out configs/tiles/<device>.json] [--backend B] [--quick --interpret]
 
 For each (T bucket, d_in, d_out, R, active adapters) of the grid, every candidate tile (fitted to the
-shape and deduplicated; the heuristic's pick always competes) is timed on the delta (batched_lora)
-plus the fused projection, inside one jitted loop each (`timing.py`); the fastest total wins. The
-table records the device kind and jax version. `--quick --interpret` runs a tiny grid in Pallas
-interpret mode so the tool itself can be exercised on CPU; its timings there mean nothing.
+shape and deduplicated; the heuristic's pick and its fuse_shrink twin always compete) is timed on the
+delta (batched_lora) plus the fused projection, inside one jitted loop each (`timing.py`); the fastest
+total wins. The table records the device kind and jax version. `--quick --interpret` runs a tiny grid
+in Pallas interpret mode so the tool itself can be exercised on CPU; its timings there mean nothing.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import pathlib
 import random
@@ -27,20 +28,26 @@ GRID = dict(tokens=(16, 64, 256, 1024, 4096), dims=((4096, 4096), (4096, 11008),
 QUICK_GRID = dict(tokens=(16, 64), dims=((128, 256),), ranks=(16,), adapters=(2,))
 
 GPU_SPACE = dict(block_t=(16, 32, 64, 128), block_k=(32, 64, 128), block_n=(64, 128, 256),
-                 split_k=(1, 4, 8), pipeline=((4, 2), (4, 3), (8, 3), (8, 4)))
+                 split_k=(1, 4, 8), pipeline=((4, 2), (4, 3), (8, 3), (8, 4)),
+                 fuse_shrink=(False, True))
 TPU_SPACE = dict(block_t=(16, 32, 64, 128, 256), block_k=(256, 512, 1024), block_n=(256, 512, 1024),
-                 split_k=(1,), pipeline=((4, 3),))
+                 split_k=(1,), pipeline=((4, 3),), fuse_shrink=(False, True))
 
 
 def candidates(key: ShapeKey, backend: str, limit: int, seed: int = 0) -> list[Tiles]:
-    """Up to `limit` distinct fitted tiles from the backend's space, the heuristic's pick first."""
+    """Up to `limit` distinct fitted tiles from the backend's space, both fuse_shrink settings.
+
+    The heuristic's pick comes first and its twin with fuse_shrink flipped second, so that even a
+    short candidate list measures where the T threshold for fusing the shrink really lies.
+    """
     space = GPU_SPACE if backend == "pallas_gpu" else TPU_SPACE
-    pool = {fit(Tiles(bt, bk, key.rank, bn, sk, warps, stages), key, backend)
-            for bt, bk, bn, sk, (warps, stages) in itertools.product(*space.values())}
+    pool = {fit(Tiles(bt, bk, key.rank, bn, sk, warps, stages, fuse), key, backend)
+            for bt, bk, bn, sk, (warps, stages), fuse in itertools.product(*space.values())}
     first = heuristic(key, backend)
-    rest = sorted(pool - {first}, key=repr)
+    twin = dataclasses.replace(first, fuse_shrink=not first.fuse_shrink)
+    rest = sorted(pool - {first, twin}, key=repr)
     random.Random(seed).shuffle(rest)
-    return [first, *rest][:limit]
+    return [first, twin, *rest][:limit]
 
 
 def shape_grid(quick: bool) -> list[Workload]:

@@ -3,6 +3,8 @@
 Interpret mode fills fresh outputs and scratch with NaN, so the finiteness checks also prove that
 every output element is written and no unwritten intermediate is read.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -33,12 +35,16 @@ def test_batched_lora_matches_float64_reference(case, backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("backend", BACKEND_TILES)
+@pytest.mark.parametrize("backend, tiles", [
+    ("reference", None),
+    *((backend, dataclasses.replace(tiles, fuse_shrink=fuse))
+      for backend, tiles in BACKEND_TILES.items() if tiles for fuse in (False, True)),
+], ids=lambda v: f"fuse_shrink={v.fuse_shrink}" if isinstance(v, pk.Tiles) else None)
 @pytest.mark.parametrize("case", [c for c in CASES if c.name != "no-adapter"], ids=lambda c: c.name)
-def test_lora_projection_matches_float64_reference(case, backend, dtype):
+def test_lora_projection_matches_float64_reference(case, backend, tiles, dtype):
     data = case.arrays(dtype, seed=1)
     out = pk.lora_projection(data["x"], data["w"], *(data[k] for k in LORA_ARGS[1:]), backend=backend,
-                             interpret=True, tiles=BACKEND_TILES[backend])
+                             interpret=True, tiles=tiles)
     expected = as_f64(data["x"]) @ as_f64(data["w"]) + lora_delta_f64(*(data[k] for k in LORA_ARGS))
     assert out.shape == expected.shape and out.dtype == data["x"].dtype
     assert np.isfinite(as_f64(out)).all()

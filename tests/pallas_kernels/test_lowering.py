@@ -2,6 +2,8 @@
 (Pallas -> Triton IR) and an abstract TPU (Pallas -> Mosaic), with table-free heuristic tiles at a
 7B-class shape. This checks the lowering rules (block shapes, layouts, ops), not the device compilers.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,16 +21,18 @@ TARGETS = {  # backend: (export platform, device kind, custom call)
 }
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["delta", "fused"])
+@pytest.mark.parametrize("fused, fuse_shrink", [(False, False), (True, False), (True, True)],
+                         ids=["delta", "fused", "fused-shrink"])
 @pytest.mark.parametrize("tokens, rank", [(32, 16), (512, 256)])
 @pytest.mark.parametrize("backend", TARGETS)
-def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused):
+def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, fuse_shrink):
     platform, kind, custom_call = TARGETS[backend]
     d_in, d_out, slots = 1024, 2048, 8
     spec = jax.ShapeDtypeStruct
     lora = (spec((slots, d_in, rank), jnp.bfloat16), spec((slots, rank, d_out), jnp.bfloat16),
             spec((tokens,), jnp.int32), spec((slots,), jnp.int32), spec((slots,), jnp.float32))
     tiles = heuristic(ShapeKey.of(tokens, d_in, d_out, rank, slots), backend)
+    tiles = dataclasses.replace(tiles, fuse_shrink=fuse_shrink)  # both settings at both sizes
     static = dict(backend=backend, tiles=tiles, interpret=False)
     if fused:
         fn = lambda x, w, *rest: api._lora_projection(x, w, *rest, **static)  # noqa: E731
@@ -41,4 +45,6 @@ def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused):
         exported = jax.export.export(
             jax.jit(fn), platforms=[platform],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
-    assert exported.mlir_module().count(custom_call) >= 2  # shrink and expand kernels
+    kernels = ["atmm_projection"] if fuse_shrink else ["atmm_shrink", "atmm_expand"]
+    module = exported.mlir_module()
+    assert module.count(custom_call) == len(kernels) and all(name in module for name in kernels)

@@ -1,9 +1,12 @@
-"""Tile tables round-trip, and every lookup returns tiles the backend can lower."""
+"""Tile tables round-trip, every lookup returns tiles the backend can lower, and fuse_shrink is picked
+by token bucket and tuned both ways."""
+import dataclasses
 import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pallas_kernels import tune
 from pallas_kernels.tiles import ShapeKey, Tiles, TileTable, fit, heuristic, tiles_for
 
 shape_keys = st.builds(
@@ -27,7 +30,7 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
 def test_table_round_trips_through_json(tmp_path):
     table = TileTable("TPU v5 lite", "pallas_tpu", "0.11.2", {
         ShapeKey.of(32, 4096, 4096, 16, 4): Tiles(16, 512, 16, 512),
-        ShapeKey.of(4096, 4096, 11008, 64, 4): Tiles(128, 1024, 64, 256, 1, 4, 3),
+        ShapeKey.of(4096, 4096, 11008, 64, 4): Tiles(128, 1024, 64, 256, 1, 4, 3, fuse_shrink=True),
     })
     path = tmp_path / "tiles" / "tpu.json"
     table.save(path)
@@ -62,3 +65,16 @@ def test_missing_table_or_other_backend_falls_back_to_heuristic(tmp_path):
     TileTable("dev", "pallas_tpu", "0.11.2", {key: Tiles(16, 512, 16, 512)}).save(path)
     assert tiles_for(key, "pallas_gpu", path) == heuristic(key, "pallas_gpu")
     assert tiles_for(key, "pallas_tpu", path) == Tiles(16, 512, 16, 512)
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
+def test_heuristic_fuses_the_shrink_for_decode_sized_batches_only(key, backend):
+    assert heuristic(key, backend).fuse_shrink == (key.tokens <= 256)
+
+
+@given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
+def test_tune_candidates_cover_both_shrink_placements(key, backend):
+    pair = tune.candidates(key, backend, limit=2)
+    assert pair[0] == heuristic(key, backend)
+    assert pair[1] == dataclasses.replace(pair[0], fuse_shrink=not pair[0].fuse_shrink)
