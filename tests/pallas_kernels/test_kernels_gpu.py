@@ -1,0 +1,54 @@
+"""The Pallas GPU kernels through the real Triton lowering (not interpret mode), on a CUDA device.
+
+Skipped, with that reason, where no GPU is present (CI): run them on an accelerator with
+`pytest -m gpu tests/pallas_kernels`. Small cases use the test tiles; the anchor shapes of
+BENCHMARKS.md use the heuristic tiles the benchmark runs with (so a tile that cannot launch fails here).
+"""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels.workload import Workload
+from tests.pallas_kernels.cases import CASES, GPU_TILES, TOLERANCE
+from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU: runs the real Triton lowering"),
+]
+LORA_ARGS = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
+ANCHORS = {"decode-few": (32, 16, 4), "decode-many": (32, 16, 32), "decode-large": (256, 16, 32),
+           "decode-large-r64": (256, 64, 32), "prefill": (4096, 64, 4)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("fuse_shrink", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_small_cases_match_float64(case, fuse_shrink, dtype):
+    data = case.arrays(dtype)
+    tiles = dataclasses.replace(GPU_TILES, fuse_shrink=fuse_shrink)
+    delta = pk.batched_lora(*(data[k] for k in LORA_ARGS), base_out=data["base_out"], backend="pallas_gpu",
+                            tiles=tiles)
+    expected = lora_delta_f64(*(data[k] for k in LORA_ARGS))
+    if data["base_out"] is not None:
+        expected += as_f64(data["base_out"])
+    assert relative_error(delta, expected) <= TOLERANCE[dtype]
+    projected = pk.lora_projection(data["x"], data["w"], *(data[k] for k in LORA_ARGS[1:]), backend="pallas_gpu",
+                                   tiles=tiles)
+    expected = as_f64(data["x"]) @ as_f64(data["w"]) + lora_delta_f64(*(data[k] for k in LORA_ARGS))
+    assert relative_error(projected, expected) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("name", ANCHORS)
+def test_anchor_shapes_with_heuristic_tiles(name):
+    tokens, rank, adapters = ANCHORS[name]
+    data = Workload(tokens, 4096, 4096, rank, adapters, pool=64).arrays(seed=0)
+    delta = pk.batched_lora(*(data[k] for k in LORA_ARGS), backend="pallas_gpu")
+    expected = lora_delta_f64(*(data[k] for k in LORA_ARGS))
+    assert relative_error(delta, expected) <= TOLERANCE["bfloat16"]
+    projected = pk.lora_projection(data["x"], data["w"], *(data[k] for k in LORA_ARGS[1:]), backend="pallas_gpu")
+    expected += as_f64(data["x"]) @ as_f64(data["w"])
+    assert relative_error(projected, expected) <= TOLERANCE["bfloat16"]
