@@ -7,9 +7,11 @@ One step = forward + backward (gradients of the trained variables only) + an Ada
 trained state donated. On accelerators (`memory_stats()` available) the step runs and the device's
 `peak_bytes_in_use` is reported; on CPU, where there is no allocator peak, the compiled executable's
 memory analysis is: arguments + outputs + temporaries - donated aliases (nothing is allocated, so presets
-far larger than the host's memory can be analysed). `--text-layers` / `--vision-layers` truncate the
-preset (same widths) to bound compile time. SNELLA's allocator update (once per step, O(adapter size)) is
-not part of the measured step. Writes a Markdown table to stdout and JSON next to it with `--json`.
+far larger than the host's memory can be analysed). Each mode runs in its own process: the device peak
+never resets, and a parent holding the device would starve its children. `--text-layers` /
+`--vision-layers` truncate the preset (same widths) to bound compile time. SNELLA's allocator update
+(once per step, O(adapter size)) is not part of the measured step. Writes a Markdown table to stdout and
+JSON next to it with `--json`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +74,7 @@ def measure(cfg, mode: str, dtype, batch: int, text_len: int, rank: int) -> dict
     opt_state = jax.eval_shape(tx.init, trained)
     step = train_step(graphdef, tx)
     n_trained = sum(x.size for x in jax.tree.leaves(trained))
-    result = {"mode": mode, "trained_params": int(n_trained)}
+    result = {"mode": mode, "trained_params": int(n_trained), "platform": jax.devices()[0].platform}
     stats = jax.devices()[0].memory_stats()
     if stats is None:
         compiled = step.lower(trained, frozen, opt_state, *batch_shapes(cfg, batch, text_len)).compile()
@@ -88,6 +93,15 @@ def measure(cfg, mode: str, dtype, batch: int, text_len: int, rank: int) -> dict
     return result
 
 
+def measure_in_subprocess(argv: list[str], mode: str) -> dict:
+    """`measure` in a fresh process (see the module docstring for why)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp, "result.json")
+        subprocess.run([sys.executable, "-m", "train.bench_memory", *argv, "--modes", mode, "--json", str(out)],
+                       check=True, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["results"][0]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -99,6 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--text-layers", type=int, default=None)
     parser.add_argument("--vision-layers", type=int, default=None)
     parser.add_argument("--json", type=pathlib.Path, default=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     cfg = preset(args.preset)
     if args.text_layers:
@@ -106,11 +121,14 @@ def main(argv=None) -> None:
     if args.vision_layers:
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, num_hidden_layers=args.vision_layers))
     dtype = jnp.dtype(args.dtype or ("float32" if args.preset == "tiny" else "bfloat16"))
-    results = [measure(cfg, mode, dtype, args.batch, args.seq, args.rank) for mode in args.modes]
+    if len(args.modes) > 1:
+        results = [measure_in_subprocess(argv, mode) for mode in args.modes]
+    else:
+        results = [measure(cfg, mode, dtype, args.batch, args.seq, args.rank) for mode in args.modes]
     print(f"preset {args.preset} (text layers {cfg.text.num_hidden_layers}, vision layers "
           f"{cfg.vision.num_hidden_layers}), {dtype.name} base, batch {args.batch}, "
           f"{cfg.image_seq_length}+{args.seq} tokens, rank {args.rank}, AdamW; {results[0]['source']} on "
-          f"{jax.devices()[0].platform}\n")
+          f"{results[0]['platform']}\n")
     print("| mode | trained params | peak MiB |\n| --- | ---: | ---: |")
     for r in results:
         print(f"| {r['mode']} | {r['trained_params']:,} | {r['peak'] / 2**20:,.1f} |")

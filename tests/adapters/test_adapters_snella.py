@@ -7,8 +7,8 @@ import pytest
 from conftest import small_inputs, small_model
 from flax import nnx
 
-from valora_jax.adapters import AdapterConfig, attach
-from valora_jax.adapters.snella import mixed_kernel, piecewise_linear_kernel, sparsify
+from valora_jax.adapters import AdapterConfig, AdapterParam, attach
+from valora_jax.adapters.snella import magnitude_quantile, mixed_kernel, piecewise_linear_kernel, sparsify
 
 
 def numpy_kernel(a, b, coefficients):
@@ -66,6 +66,48 @@ def test_sparsify_is_eq5(level):
 def test_sparsify_hand_values():
     dw = jnp.asarray([[-4.0, 1.0], [2.0, -3.0]])  # |dW| = 4, 1, 2, 3; median (linear) = 2.5
     np.testing.assert_array_equal(np.asarray(sparsify(dw, jnp.float32(0.5))), [[-6.0, 0.0], [0.0, -1.5]])
+
+
+def quantile_cases():
+    """5 x 13 matrices (n - 1 = 64, so level k / 64 is an exact position): distinct, tied and all-equal |dW|."""
+    rng = np.random.default_rng(3)
+    return {"distinct": rng.standard_normal((5, 13)), "ties": rng.integers(-3, 4, (5, 13)) * 0.25,
+            "all equal": np.full((5, 13), -0.7),
+            "zeros and one": np.where(np.arange(65).reshape(5, 13) == 37, -3e18, 0.0)}
+
+
+@pytest.mark.parametrize("case", list(quantile_cases()))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_magnitude_quantile_is_the_exact_order_statistic(case, dtype):
+    dw = jnp.asarray(quantile_cases()[case], dtype)
+    ordered = np.sort(np.abs(np.asarray(dw, np.float32)).ravel())
+    for k in (0, 1, 17, 32, 40, 63, 64):
+        got = magnitude_quantile(dw, jnp.float32(k / 64))
+        assert got.dtype == dtype and np.float32(got) == ordered[k], (k, got, ordered[k])
+
+
+@pytest.mark.parametrize("case", list(quantile_cases()))
+def test_magnitude_quantile_interpolates_as_numpy_and_keeps_numpys_set(case):
+    dw = quantile_cases()[case].astype(np.float32)
+    for level in np.random.default_rng(4).uniform(size=6).astype(np.float32):
+        want = np.quantile(np.abs(dw).astype(np.float64), np.float64(level))
+        np.testing.assert_allclose(float(magnitude_quantile(jnp.asarray(dw), level)), want, rtol=1e-6)
+        kept = np.asarray(sparsify(jnp.asarray(dw), level)) != 0
+        np.testing.assert_array_equal(kept, numpy_sparsify(dw, level) != 0)
+
+
+def test_sparsified_training_step_has_no_sort():
+    """The threshold is found by counting, not sorting: a sort would hold a sorted copy of every dense dW."""
+    model = small_model()
+    attach(model, AdapterConfig(kind="snella", rank=4, targets=("down_proj",)), nnx.Rngs(0))
+    graphdef, trained, rest = nnx.split(model, AdapterParam, ...)
+
+    def loss(trained):
+        return jnp.mean(nnx.merge(graphdef, trained, rest)(*small_inputs()) ** 2)
+
+    text = jax.jit(jax.grad(loss)).lower(trained).as_text()
+    assert "stablehlo.sort" not in text
+    assert "stablehlo.while" in text  # the bisection is there
 
 
 def test_snella_layer_matches_numpy_and_keeps_no_dense_residual():
