@@ -4,7 +4,7 @@
       - source: embedded/shape        # a task of the embedded suite (train.embedded.EMBEDDED)
         name: shape                   # optional, default: the embedded kind
         requirement: 0.9              # optional, default: the embedded task's
-        n_train: 256                  # optional
+        n_train: 1024                 # optional
         n_val: 100                    # optional
       - source: jsonl                 # real data (train.data)
         name: birds

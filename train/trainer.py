@@ -48,7 +48,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 200
+    steps: int = 150
     batch_size: int = 32
     lr: float = 3e-3
     warmup: int = 10

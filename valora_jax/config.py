@@ -123,7 +123,7 @@ def _tiny() -> LlavaConfig:
 
     return LlavaConfig(
         vision=VisionConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=8
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=16
         ),
         text=TextConfig(
             vocab_size=len(tiny_vocab()),

@@ -28,7 +28,7 @@ def test_suite_has_the_five_tasks_with_their_heads_metrics_and_requirements(suit
     assert described == {
         "shape": ("classify", "accuracy", 0.9),
         "colour": ("classify", "accuracy", 0.9),
-        "count": ("lm", "accuracy", 0.7),
+        "count": ("classify", "accuracy", 0.7),
         "location": ("lm", "iou@0.5", 0.7),
         "digits": ("classify", "accuracy", 0.9),
     }
@@ -62,6 +62,7 @@ def test_count_answers_match_connected_components(suite):
     for example in suite["count"].train:
         _, components = ndimage.label(object_pixels(example.image))
         assert example.answer == str(components)
+        assert suite["count"].labels[example.label] == example.answer
         counts.append(components)
     assert set(counts) == set(range(1, MAX_COUNT + 1))
 
