@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from train.scenes import PALETTE, SHAPES, Box, Placement, random_placements, render_scene
+from train.scenes import SHAPES, Box, random_placements, render_scene
 from train.tasks import Example, Task
 
 BOX_GRID = 16  # location answers are box edges on a BOX_GRID x BOX_GRID grid: words 0..16

@@ -7,7 +7,6 @@ BENCHMARKS.md use the heuristic tiles the benchmark runs with (so a tile that ca
 import dataclasses
 
 import jax
-import numpy as np
 import pytest
 
 import pallas_kernels as pk

@@ -1,7 +1,6 @@
 """The tiny model on an 8-device CPU mesh (2-way data x 4-way tensor parallel) matches one device."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
