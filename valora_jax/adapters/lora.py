@@ -26,14 +26,14 @@ def input_dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:
     return nnx.Dropout(rate, rngs=rngs) if rate else None
 
 
-class LoRA(nnx.Module):
-    """The delta branch of one `Linear` (attached at `linear.adapter`)."""
+class LowRankPair(nnx.Module):
+    """A (d_in, r), Kaiming-uniform, and B (r, d_out), zeros, with a scale and optional input dropout:
+    the state LoRA and Serial LoRA share. `low_rank(x)` is scaling * dropout(x) A B."""
 
-    def __init__(self, linear: Linear, *, rank: int, scaling: float, dropout: float, dtype, rngs: nnx.Rngs):
-        axes = getattr(linear.kernel, "logical_axes", (None, None))
-        self.A = AdapterParam(kaiming_uniform()(rngs.params(), (linear.in_features, rank), dtype),
-                              logical_axes=(axes[0], None))
-        self.B = AdapterParam(jnp.zeros((rank, linear.out_features), dtype), logical_axes=(None, axes[1]))
+    def __init__(self, d_in: int, d_out: int, *, rank: int, scaling: float, dropout: float, axes, dtype,
+                 rngs: nnx.Rngs):
+        self.A = AdapterParam(kaiming_uniform()(rngs.params(), (d_in, rank), dtype), logical_axes=(axes[0], None))
+        self.B = AdapterParam(jnp.zeros((rank, d_out), dtype), logical_axes=(None, axes[1]))
         self.scaling = scaling
         self.dropout = input_dropout(dropout, rngs)
         self.merged = False
@@ -42,11 +42,22 @@ class LoRA(nnx.Module):
     def rank(self) -> int:
         return self.A.shape[1]
 
+    def low_rank(self, x: jax.Array) -> jax.Array:
+        h = x if self.dropout is None else self.dropout(x)
+        return self.scaling * ((h @ self.A[...].astype(x.dtype)) @ self.B[...].astype(x.dtype))
+
+
+class LoRA(LowRankPair):
+    """The delta branch of one `Linear` (attached at `linear.adapter`)."""
+
+    def __init__(self, linear: Linear, *, rank: int, scaling: float, dropout: float, dtype, rngs: nnx.Rngs):
+        super().__init__(linear.in_features, linear.out_features, rank=rank, scaling=scaling, dropout=dropout,
+                         axes=getattr(linear.kernel, "logical_axes", (None, None)), dtype=dtype, rngs=rngs)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.merged:  # already folded into the kernel
             return jnp.zeros((), x.dtype)
-        h = x if self.dropout is None else self.dropout(x)
-        return self.scaling * ((h @ self.A[...].astype(x.dtype)) @ self.B[...].astype(x.dtype))
+        return self.low_rank(x)
 
     def delta_weight(self) -> jax.Array:
         """(d_in, d_out) float32 update this adapter adds to the kernel."""

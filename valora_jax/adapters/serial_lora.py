@@ -16,32 +16,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from valora_jax.adapters.lora import input_dropout, kaiming_uniform
-from valora_jax.adapters.variables import AdapterParam
+from valora_jax.adapters.lora import LowRankPair
 
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-class SerialLoRA(nnx.Module):
+class SerialLoRA(LowRankPair):
     """The input transform of one attention block (attached at `attention.qkv_input_adapter`)."""
 
     def __init__(self, attention: nnx.Module, *, rank: int, scaling: float, dropout: float, dtype, rngs: nnx.Rngs):
         d = attention.q_proj.in_features
-        self.A = AdapterParam(kaiming_uniform()(rngs.params(), (d, rank), dtype), logical_axes=("embed", None))
-        self.B = AdapterParam(jnp.zeros((rank, d), dtype), logical_axes=(None, "embed"))
-        self.scaling = scaling
-        self.dropout = input_dropout(dropout, rngs)
-        self.merged = False
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[1]
+        super().__init__(d, d, rank=rank, scaling=scaling, dropout=dropout, axes=("embed", "embed"), dtype=dtype,
+                         rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.merged:
             return x
-        h = x if self.dropout is None else self.dropout(x)
-        return x + self.scaling * ((h @ self.A[...].astype(x.dtype)) @ self.B[...].astype(x.dtype))
+        return x + self.low_rank(x)
 
     def _factors(self) -> tuple[jax.Array, jax.Array]:
         return self.scaling * self.A[...].astype(jnp.float32), self.B[...].astype(jnp.float32)
