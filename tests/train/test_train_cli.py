@@ -1,0 +1,43 @@
+"""`python -m train` end to end on a local HF checkpoint and a two-task file: outputs exist and agree."""
+
+import json
+import textwrap
+
+from PIL import Image
+
+from train.cli import main
+
+
+def test_job_writes_adapters_and_report(tmp_path, golden_dir):
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(textwrap.dedent("""
+        tasks:
+          - source: embedded/colour
+            requirement: 0.9
+            n_train: 8
+            n_val: 4
+          - source: embedded/location
+            requirement: 0.7
+            n_train: 8
+            n_val: 4
+    """))
+    out = tmp_path / "out"
+    main(["--model", str(golden_dir / "llava_mha"), "--tasks", str(tasks), "--out", str(out), "--steps", "2",
+          "--batch-size", "4", "--rank", "2", "--eval-batch-size", "4", "--checkpoint-every", "2"])
+
+    report = json.loads((out / "report.json").read_text())
+    assert [t["name"] for t in report["tasks"]] == ["colour", "location"]
+    adapters = {a["name"]: a for a in report["adapters"]}
+    for task in report["tasks"]:
+        assert set(task) >= {"name", "metric", "requirement", "base_score", "adapter_score", "adapter"}
+        assert 0.0 <= task["adapter_score"] <= 1.0
+        assert task["name"] in adapters[task["adapter"]]["tasks"]
+    for name, adapter in adapters.items():
+        assert adapter["kind"] == "lora" and adapter["rank"] == 2 and adapter["trainable_parameters"] > 0
+        saved = out / "adapters" / name
+        assert (saved / "adapter_config.json").is_file() and (saved / "adapter_model.safetensors").is_file()
+        assert ("colour" in adapter["tasks"]) == (saved / "head.safetensors").is_file()  # classify head saved
+    assert "| colour |" in (out / "report.md").read_text()
+    Image.open(out / "accuracy.png").verify()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {line["adapter"] for line in lines} >= {"colour"} and all("loss" in line for line in lines)
