@@ -13,6 +13,7 @@ import dataclasses
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -20,10 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.timing import copy_bandwidth
 from valora_jax.config import preset
 from valora_jax.generation import Generator, SamplingConfig
 from valora_jax.kv_cache import KVCache
 from valora_jax.models.llava import LlavaForConditionalGeneration
+
+
+def progress(message: str, start: float = time.perf_counter()) -> None:
+    """A line on stderr per phase: a 7B preset spends minutes creating weights and compiling."""
+    print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -37,23 +44,11 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
-    """Bytes/s of a device copy (read + write) of a buffer of `nbytes`, 8 copies in one program."""
-    x = jnp.zeros((nbytes // 4,), jnp.float32)
-
-    @jax.jit
-    def copies(x):
-        return jax.lax.fori_loop(0, 8, lambda i, y: y * 1.0 + i.astype(y.dtype), x)
-
-    return 8 * 2 * x.nbytes / timed(copies, x, repeats=repeats)
-
-
 def random_model(name: str, dtype, seed: int) -> LlavaForConditionalGeneration:
-    """Random weights created on device (no host copy), so a 7B preset fits an accelerator directly."""
-    cfg = preset(name)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
-    state = jax.jit(lambda: nnx.state(LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(seed))))()
-    return nnx.merge(graphdef, state)
+    """Random weights, created eagerly on the default device (so a 7B preset never passes through host
+    memory). Eager, not one jitted init: XLA constant-folds an input-free init program at compile time
+    and even with the key as an input compiles it for minutes, while eager ops compile once per shape."""
+    return LlavaForConditionalGeneration(preset(name), dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def decode_weight_bytes(model: LlavaForConditionalGeneration) -> int:
@@ -69,12 +64,14 @@ def decode_weight_bytes(model: LlavaForConditionalGeneration) -> int:
 
 def run(args) -> list[dict]:
     dtype = jnp.dtype(args.dtype)
+    progress(f"creating random {args.preset} weights ({args.dtype}) on {jax.devices()[0].device_kind}")
     model = random_model(args.preset, dtype, args.seed)
     cfg = model.config
-    bandwidth = copy_bandwidth(args.copy_bytes, args.repeats)
+    bandwidth = copy_bandwidth(args.copy_bytes, calls=20, repeats=args.repeats)
     rows = []
     rng = np.random.default_rng(args.seed)
 
+    progress(f"prefill of {args.prefill_len} tokens (compile, then {args.repeats} timed runs)")
     prefill_gen = Generator(model, max_len=args.prefill_len, min_bucket=args.prefill_len)
     ids = rng.integers(10, cfg.text.vocab_size, (1, args.prefill_len)).astype(np.int32)
     mask = np.ones_like(ids, bool)
@@ -85,6 +82,7 @@ def run(args) -> list[dict]:
 
     weight_bytes = decode_weight_bytes(model)
     for batch in args.batch:
+        progress(f"decode at batch {batch} (compile, then {args.repeats} timed runs)")
         gen = Generator(model, max_len=args.prompt_len + args.new_tokens, min_bucket=args.prompt_len)
         # A decode step's work does not depend on the cached values, only on the shapes: start from a
         # cache marked as holding a `prompt_len` prompt instead of compiling a prefill per batch size.
@@ -136,7 +134,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=33, help="tokens generated per row (decode steps + 1)")
     p.add_argument("--prefill-len", type=int, default=2048, help="tokens in the prefill measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
-    p.add_argument("--copy-bytes", type=int, default=1 << 28, help="buffer size of the bandwidth measurement")
+    p.add_argument("--copy-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement (past the last-level cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, help="directory for bench_model.json and bench_model.md")
     args = p.parse_args(argv)
