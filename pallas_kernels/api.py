@@ -5,6 +5,7 @@ compiled program.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -67,13 +68,11 @@ def _tiles(key: ShapeKey, backend: str, tiles: Tiles | None) -> Tiles | None:
 def _batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, *, backend, tiles, interpret):
     if backend == "reference":
         return reference.batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out)
-    num_slots = a_pool.shape[0]
-    grouping = group_tokens(slot_ids, num_slots, tiles.block_t, include_unadapted=False)
+    if backend == "pallas_gpu":
+        return gpu.batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles, interpret)
+    grouping = group_tokens(slot_ids, a_pool.shape[0], tiles.block_t, include_unadapted=False)
     if base_out is None:
         base_out = jnp.zeros((x.shape[0], b_pool.shape[2]), x.dtype)
-    if backend == "pallas_gpu":
-        xa = gpu.shrink(x, a_pool, ranks, scales, grouping, tiles, interpret)
-        return gpu.expand(xa, b_pool, ranks, grouping, tiles, interpret, base_out=base_out)
     x_sorted = x[jnp.maximum(grouping.row_token, 0)]
     xa = tpu.shrink(x_sorted, a_pool, ranks, scales, grouping, tiles, interpret)
     delta = tpu.expand(xa, b_pool, ranks, grouping, tiles, interpret, jnp.float32)
@@ -85,9 +84,9 @@ def _batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, *, backe
 def _lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, *, backend, tiles, interpret):
     if backend == "reference":
         return reference.lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales)
-    grouping = group_tokens(slot_ids, a_pool.shape[0], tiles.block_t, include_unadapted=True)
     if backend == "pallas_gpu":
-        return gpu.projection(x, w, a_pool, b_pool, ranks, scales, grouping, tiles, interpret)
+        return gpu.lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles, interpret)
+    grouping = group_tokens(slot_ids, a_pool.shape[0], tiles.block_t, include_unadapted=True)
     x_sorted = x[jnp.maximum(grouping.row_token, 0)]
     y_sorted = tpu.projection(x_sorted, w, a_pool, b_pool, ranks, scales, grouping, tiles, interpret)
     return y_sorted[grouping.token_row]
@@ -112,10 +111,11 @@ def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, *, backend: s
                     interpret: bool = False, tiles: Tiles | None = None) -> jax.Array:
     """x @ w plus every token's LoRA delta, fused: one kernel writes y once (see batched_lora).
 
-    With tiles.fuse_shrink (the heuristic's choice for decode-sized T) that kernel also computes
-    x @ A, so x is read once; otherwise a shrink kernel runs first (see Tiles.fuse_shrink).
+    On GPU a small shrink kernel runs first and the GEMM carries the expand in its epilogue; on TPU,
+    with tiles.fuse_shrink, the projection kernel also computes x @ A, so x is read once.
+    Tiles come from the table's fused entries (ShapeKey.fused).
     """
-    key = _validate(x, a_pool, b_pool, slot_ids, ranks, scales, w=w)
+    key = dataclasses.replace(_validate(x, a_pool, b_pool, slot_ids, ranks, scales, w=w), fused=True)
     backend = resolve_backend(backend)
     return _lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, backend=backend,
                             tiles=_tiles(key, backend, tiles), interpret=interpret)

@@ -1,24 +1,30 @@
-"""ATMM on GPU: Pallas kernels with the Triton lowering, shrink then expand over slot-sorted tiles.
+"""ATMM on GPU: Pallas kernels with the Triton lowering over token tiles, with no XLA grouping ops.
 
-Every program owns one token tile of the padded slot-sorted layout (so one adapter) and gathers its
-token rows straight from x by index, and scatters its results straight into y: tokens are never
-copied into sorted order. Refs are whole arrays; each access is an index-vector gather/scatter with a
-mask (Triton style), which is also exact in interpret mode because masked-off lanes point out of
-bounds, where interpret-mode scatters drop them.
+A token tile is block_t consecutive tokens, in natural order or, with tiles.sort, in slot order (a
+permutation made by the `atmm_sort` kernel, one launch). Rows of a tile that share an adapter form a
+*run*; a program walks its tile's runs in ascending slot order (`_for_each_run`) and does one masked
+tl.dot per run against that adapter's contiguous A or B block. Natural order suits small batches
+(decode: a sort would cost a launch and a tile holds few tokens anyway); sorted order suits prefill
+and large decode batches, where a tile then holds one or two runs instead of every adapter, so each
+adapter is read about once per tile. tiles.split_runs spreads a tile's runs over that many programs:
+decode tiles hold many runs and are too few to fill the GPU on their own.
 
-- shrink: grid (token tiles, rank blocks, split-K). xa[s, rows, r] = scale * x[rows, K_s] @ A[:, r]
-  in float32, for the K range of split s. Rank blocks past the slot's rank and tiles past the layout
-  exit at once; split-K fills the GPU when a decode batch has few token tiles.
-- expand: grid (token tiles, d_out tiles). y[rows, n] = [x[rows] @ W[:, n]] + (sum_s xa[s, rows]) @
-  B[:rank, n] [+ base[rows, n]], the rank loop bounded by the slot's rank. With W it is the fused
-  projection: the base GEMM's K loop and the LoRA expand share one accumulator and one y write.
-- projection with tiles.fuse_shrink: the expand grid alone; its K loop also accumulates
-  scale * x[rows] @ A[:, :rank] (columns past the slot's rank masked), so x is read once and one
-  kernel runs, at the price of recomputing the shrink in every d_out tile (see Tiles.fuse_shrink).
+- sort: order[p] = token at slot-sorted position p (stable; tokens without adapter last), by
+  counting for each token the tokens that sort before it.
+- shrink: grid (tiles, run groups, split-K). xa[s, t, :rank] = scale * x[t, K_s] @ A[slot_t, K_s, :rank]
+  in float32, split-K partials indexed by token.
+- expand: grid (tiles, run groups, d_out tiles). y[t] = base[t] + (sum_s xa[s, t]) @ B[slot_t, :rank],
+  each token written once (tokens without adapter get base, or zeros).
+- projection: grid (tiles, d_out tiles). y = x @ W with the expand as its epilogue, so W is read once
+  per token tile and y written once; the shrink kernel runs first.
+
+Masked-off lanes of every gather and scatter point out of bounds (token index T), which the Triton
+lowering never touches and interpret mode drops, so interpret mode is exact too.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +32,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.grouping import Grouping
 from pallas_kernels.tiles import Tiles
+
+SORT_ROWS, SORT_COLS = 32, 256  # tokens ranked per program x tokens compared per step
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -36,190 +43,217 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _gather(ref, *index_vectors, mask):
-    """Masked gather of a 2-D tile; index vectors broadcast, masked lanes read as zero."""
-    return plgpu.load(ref.at[index_vectors], mask=mask, other=0)
+def _load(ref, *index, mask, other=0):
+    """Masked gather; index vectors broadcast against each other."""
+    return plgpu.load(ref.at[index], mask=mask, other=other)
 
 
-def _tile_rows(row_token_ref, tile: jax.Array, block_t: int, num_tokens: int):
-    """Token rows of a tile as a (block_t, 1) index column and its validity mask (padding rows)."""
-    rows = row_token_ref[pl.ds(tile * block_t, block_t)]
-    valid = rows >= 0
-    return jnp.where(valid, rows, num_tokens)[:, None], valid[:, None]
+def _keys(slot_ref, rows: jax.Array, valid: jax.Array, num_slots: int) -> jax.Array:
+    """Run key of each row: its slot, N for no adapter (slot -1 or out of range), N + 1 past the end."""
+    slots = _load(slot_ref, rows, mask=valid, other=-1)
+    keys = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
+    return jnp.where(valid, keys, num_slots + 1)
 
 
-def _compiler_params(tiles: Tiles) -> plgpu.CompilerParams:
-    return plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+def _tile(order_ref, slot_ref, tile, block_t: int, num_slots: int):
+    """Token index (T past the end), validity and run key of each row of a token tile."""
+    num_tokens = slot_ref.shape[0]
+    pos = tile * block_t + jnp.arange(block_t)
+    valid = pos < num_tokens
+    rows = pos if order_ref is None else _load(order_ref, pos, mask=valid)
+    rows = jnp.where(valid, rows, num_tokens)
+    return rows, valid, _keys(slot_ref, rows, valid, num_slots)
 
 
-def _shrink_kernel(tile_slot_ref, num_tiles_ref, row_token_ref, ranks_ref, scales_ref, x_ref, a_ref,
-                   xa_ref, *, tiles: Tiles, num_slots: int):
-    tile, rank_block, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _for_each_run(keys: jax.Array, stop_key: int, body, carry, *, group=0, groups: int = 1):
+    """carry = body(key, in_run, carry) for each distinct key < stop_key of the tile, ascending.
+
+    With groups > 1 only every groups-th run from `group` on: the others cost a reduction, no loads.
+    """
+    def next_key(prev):
+        return jnp.min(jnp.where(keys > prev, keys, stop_key))
+
+    def step(state):
+        key, index, carry = state
+        run = lambda c: body(key, keys == key, c)  # noqa: E731
+        carry = run(carry) if groups == 1 else lax.cond(index % groups == group, run, lambda c: c, carry)
+        return next_key(key), index + 1, carry
+
+    start = (next_key(jnp.int32(-1)), jnp.int32(0), carry)
+    return lax.while_loop(lambda state: state[0] < stop_key, step, start)[2]
+
+
+def _expand_run(acc, key, in_run, rows, n_idx, n_ok, ranks_ref, xa_ref, b_ref, *, block_r: int,
+                num_slots: int):
+    """acc[rows of the run] += (sum of split-K partials of xa) @ B[key, :rank, n_idx], rank-blocked."""
+    rank = jnp.where(key < num_slots, ranks_ref[jnp.minimum(key, num_slots - 1)], 0)
+
+    def rank_step(rank_block, acc):
+        r_idx = rank_block * block_r + jnp.arange(block_r)
+        r_ok = r_idx < rank
+        xa_mask = in_run[:, None] & r_ok[None, :]
+        xa = sum(_load(xa_ref, s, rows[:, None], r_idx[None, :], mask=xa_mask) for s in range(xa_ref.shape[0]))
+        b = _load(b_ref, key, r_idx[:, None], n_idx[None, :], mask=r_ok[:, None] & n_ok[None, :])
+        return acc + _dot(xa.astype(b.dtype), b)
+
+    return lax.fori_loop(0, pl.cdiv(rank, block_r), rank_step, acc)
+
+
+def _split_refs(refs, sort: bool):
+    return (refs[0], refs[1:]) if sort else (None, refs)
+
+
+def _sort_kernel(slot_ref, order_ref, *, num_slots: int):
+    num_tokens = slot_ref.shape[0]
+    pos = pl.program_id(0) * SORT_ROWS + jnp.arange(SORT_ROWS)
+    valid = pos < num_tokens
+    keys = _keys(slot_ref, jnp.where(valid, pos, num_tokens), valid, num_slots)
+
+    def count_before(chunk, count):
+        other = chunk * SORT_COLS + jnp.arange(SORT_COLS)
+        other_ok = other < num_tokens
+        other_keys = _keys(slot_ref, jnp.where(other_ok, other, num_tokens), other_ok, num_slots)
+        before = (other_keys[None, :] < keys[:, None]) | (
+            (other_keys[None, :] == keys[:, None]) & (other[None, :] < pos[:, None]))
+        return count + jnp.sum((before & other_ok[None, :]).astype(jnp.int32), axis=1)
+
+    rank = lax.fori_loop(0, pl.cdiv(num_tokens, SORT_COLS), count_before, jnp.zeros((SORT_ROWS,), jnp.int32))
+    plgpu.store(order_ref.at[jnp.where(valid, rank, num_tokens)], pos, mask=valid)
+
+
+def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
+    order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref) = _split_refs(refs, tiles.sort)
+    tile, group, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bt, bk, br = tiles.block_t, tiles.block_k, tiles.block_r
-    num_tokens, d_in = x_ref.shape
-    slot = tile_slot_ref[tile]
-    safe_slot = jnp.minimum(slot, num_slots - 1)
-    rank = ranks_ref[safe_slot]
-    active = (tile < num_tiles_ref[0]) & (slot < num_slots) & (rank_block * br < rank)
+    d_in = x_ref.shape[1]
+    rows, _, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
+    k_blocks = math.ceil(d_in / bk)
+    per_split = math.ceil(k_blocks / tiles.split_k)
+    k_start = split * per_split
+    k_stop = jnp.minimum(k_start + per_split, k_blocks)
 
-    @pl.when(active)
-    def _():
-        rows, row_ok = _tile_rows(row_token_ref, tile, bt, num_tokens)
-        r_cols = (rank_block * br + jnp.arange(br))[None, :]
-        r_ok = r_cols < rank
-        k_blocks = pl.cdiv(d_in, bk)
-        per_split = pl.cdiv(k_blocks, tiles.split_k)
-        k_start = split * per_split
-        k_stop = jnp.minimum(k_start + per_split, k_blocks)
+    def run(key, in_run, carry):
+        rank, scale = ranks_ref[key], scales_ref[key]
 
-        def k_step(k_block, acc):
-            k_idx = k_block * bk + jnp.arange(bk)
-            k_ok = k_idx < d_in
-            x = _gather(x_ref, rows, k_idx[None, :], mask=row_ok & k_ok[None, :])
-            a = _gather(a_ref, safe_slot, k_idx[:, None], r_cols, mask=k_ok[:, None] & r_ok)
-            return acc + _dot(x, a)
+        def rank_step(rank_block, carry):
+            r_idx = rank_block * br + jnp.arange(br)
+            r_ok = r_idx < rank
 
-        acc = lax.fori_loop(k_start, k_stop, k_step, jnp.zeros((bt, br), jnp.float32))
-        tile_rows = (tile * bt + jnp.arange(bt))[:, None]
-        xa_ref[split, tile_rows, r_cols] = acc * scales_ref[safe_slot]
-
-
-def _expand_kernel(*refs, tiles: Tiles, num_slots: int, fused_base: bool, fuse_shrink: bool,
-                   add_base: bool):
-    tile_slot_ref, num_tiles_ref, row_token_ref, ranks_ref, *refs = refs
-    if fused_base:
-        x_ref, w_ref, *refs = refs
-    if fuse_shrink:
-        scales_ref, a_ref, *refs = refs
-    else:
-        xa_ref, *refs = refs
-    b_ref, *refs = refs
-    base_ref, out_ref = refs if add_base else (None, refs[0])
-
-    tile, n_block = pl.program_id(0), pl.program_id(1)
-    bt, bk, br, bn = tiles.block_t, tiles.block_k, tiles.block_r, tiles.block_n
-    num_tokens, d_out = out_ref.shape
-    slot = tile_slot_ref[tile]
-    safe_slot = jnp.minimum(slot, num_slots - 1)
-    rank = jnp.where(slot < num_slots, ranks_ref[safe_slot], 0)
-
-    def rank_cols(rank_block):
-        r_idx = rank_block * br + jnp.arange(br)
-        return r_idx, r_idx < rank
-
-    @pl.when(tile < num_tiles_ref[0])
-    def _():
-        rows, row_ok = _tile_rows(row_token_ref, tile, bt, num_tokens)
-        n_idx = (n_block * bn + jnp.arange(bn))[None, :]
-        n_ok = n_idx < d_out
-        acc = jnp.zeros((bt, bn), jnp.float32)
-        # Fused shrink: one float32 x @ A accumulator per rank block of the pool, carried through
-        # the base GEMM's d_in loop so that each x tile loaded feeds both dots. Rank columns past the
-        # slot's rank are masked off in the load (never read) rather than branched around: a branch
-        # in the loop stops Triton pipelining its loads, which measured slower on an H100.
-        rank_blocks = pl.cdiv(a_ref.shape[2], br) if fuse_shrink else 0
-        xa = tuple(jnp.zeros((bt, br), jnp.float32) for _ in range(rank_blocks))
-        if fused_base:
-            d_in = x_ref.shape[1]
-
-            def k_step(k_block, carry):
-                acc, xa = carry
+            def k_step(k_block, acc):
                 k_idx = k_block * bk + jnp.arange(bk)
                 k_ok = k_idx < d_in
-                x = _gather(x_ref, rows, k_idx[None, :], mask=row_ok & k_ok[None, :])
-                w = _gather(w_ref, k_idx[:, None], n_idx, mask=k_ok[:, None] & n_ok)
+                x = _load(x_ref, rows[:, None], k_idx[None, :], mask=in_run[:, None] & k_ok[None, :])
+                a = _load(a_ref, key, k_idx[:, None], r_idx[None, :], mask=k_ok[:, None] & r_ok[None, :])
+                return acc + _dot(x, a)
 
-                def add_shrink(rank_block, xa_block):
-                    r_idx, r_ok = rank_cols(rank_block)
-                    a = _gather(a_ref, safe_slot, k_idx[:, None], r_idx[None, :],
-                                mask=k_ok[:, None] & r_ok[None, :])
-                    return xa_block + _dot(x, a)
+            # An empty split (k_start >= k_stop) still stores its zero partial: expand reads every split.
+            acc = lax.fori_loop(k_start, k_stop, k_step, jnp.zeros((bt, br), jnp.float32))
+            plgpu.store(xa_ref.at[split, rows[:, None], r_idx[None, :]], acc * scale,
+                        mask=in_run[:, None] & r_ok[None, :])
+            return carry
 
-                xa = tuple(add_shrink(j, xa_j) for j, xa_j in enumerate(xa))
-                return acc + _dot(x, w), xa
+        return lax.fori_loop(0, pl.cdiv(rank, br), rank_step, carry)
 
-            acc, xa = lax.fori_loop(0, pl.cdiv(d_in, bk), k_step, (acc, xa))
-
-        def add_expand(rank_block, xa_block, acc):
-            r_idx, r_ok = rank_cols(rank_block)
-            b = _gather(b_ref, safe_slot, r_idx[:, None], n_idx, mask=r_ok[:, None] & n_ok)
-            return acc + _dot(xa_block.astype(b.dtype), b)
-
-        if fuse_shrink:
-            scale = scales_ref[safe_slot]
-            for j, xa_j in enumerate(xa):  # rank blocks past the slot's rank: no loads, no FLOPs
-                acc = lax.cond(j * br < rank, functools.partial(add_expand, j, xa_j * scale), lambda a: a, acc)
-        else:
-            tile_rows = (tile * bt + jnp.arange(bt))[:, None]
-
-            def rank_step(rank_block, acc):
-                r_idx, r_ok = rank_cols(rank_block)
-                xa_block = sum(_gather(xa_ref, s, tile_rows, r_idx[None, :], mask=r_ok[None, :])
-                               for s in range(xa_ref.shape[0]))
-                return add_expand(rank_block, xa_block, acc)
-
-            acc = lax.fori_loop(0, pl.cdiv(rank, br), rank_step, acc)
-        mask = row_ok & n_ok
-        if add_base:
-            acc += _gather(base_ref, rows, n_idx, mask=mask).astype(jnp.float32)
-        plgpu.store(out_ref.at[rows, n_idx], acc.astype(out_ref.dtype), mask=mask)
+    _for_each_run(keys, num_slots, run, jnp.int32(0), group=group, groups=tiles.split_runs)
 
 
-def shrink(x, a_pool, ranks, scales, grouping: Grouping, tiles: Tiles, interpret: bool) -> jax.Array:
-    """Scaled x @ A per tile, as split-K partial sums (split_k, Tp, R padded to block_r), float32."""
+def _expand_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool):
+    order_ref, (slot_ref, ranks_ref, xa_ref, b_ref, *refs) = _split_refs(refs, tiles.sort)
+    base_ref, out_ref = refs if add_base else (None, refs[0])
+    tile, group, n_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bt, bn = tiles.block_t, tiles.block_n
+    d_out = out_ref.shape[1]
+    rows, _, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
+    n_idx = n_block * bn + jnp.arange(bn)
+    n_ok = n_idx < d_out
+    expand_run = functools.partial(_expand_run, rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref,
+                                   xa_ref=xa_ref, b_ref=b_ref, block_r=tiles.block_r, num_slots=num_slots)
+
+    def run(key, in_run, carry):  # the no-adapter run (key N, rank 0) only marks its rows as written here
+        acc, mine = carry
+        return expand_run(acc, key, in_run), mine | in_run
+
+    start = (jnp.zeros((bt, bn), jnp.float32), jnp.zeros((bt,), jnp.bool_))
+    acc, mine = _for_each_run(keys, num_slots + 1, run, start, group=group, groups=tiles.split_runs)
+    mask = mine[:, None] & n_ok[None, :]
+    if add_base:
+        acc += _load(base_ref, rows[:, None], n_idx[None, :], mask=mask).astype(jnp.float32)
+    plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype), mask=mask)
+
+
+def _projection_kernel(*refs, tiles: Tiles, num_slots: int):
+    order_ref, (slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref) = _split_refs(refs, tiles.sort)
+    tile, n_block = pl.program_id(0), pl.program_id(1)
+    bt, bk, bn = tiles.block_t, tiles.block_k, tiles.block_n
+    d_in, d_out = w_ref.shape
+    rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
+    n_idx = n_block * bn + jnp.arange(bn)
+    n_ok = n_idx < d_out
+
+    def k_step(k_block, acc):
+        k_idx = k_block * bk + jnp.arange(bk)
+        k_ok = k_idx < d_in
+        x = _load(x_ref, rows[:, None], k_idx[None, :], mask=valid[:, None] & k_ok[None, :])
+        w = _load(w_ref, k_idx[:, None], n_idx[None, :], mask=k_ok[:, None] & n_ok[None, :])
+        return acc + _dot(x, w)
+
+    acc = lax.fori_loop(0, math.ceil(d_in / bk), k_step, jnp.zeros((bt, bn), jnp.float32))
+    expand_run = functools.partial(_expand_run, rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref,
+                                   xa_ref=xa_ref, b_ref=b_ref, block_r=tiles.block_r, num_slots=num_slots)
+    acc = _for_each_run(keys, num_slots, lambda key, in_run, acc: expand_run(acc, key, in_run), acc)
+    plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype),
+                mask=valid[:, None] & n_ok[None, :])
+
+
+def _call(kernel, grid, out_shape, tiles: Tiles, interpret: bool, name: str, *operands, num_warps=None):
+    params = plgpu.CompilerParams(num_warps=num_warps or tiles.num_warps, num_stages=tiles.num_stages)
+    return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, compiler_params=params,
+                          interpret=interpret, name=name)(*operands)
+
+
+def _order(slot_ids, num_slots: int, tiles: Tiles, interpret: bool) -> list:
+    """[order] of the slot-sorted permutation when tiles.sort, else [] (natural order)."""
+    if not tiles.sort:
+        return []
+    num_tokens = slot_ids.shape[0]
+    order = _call(functools.partial(_sort_kernel, num_slots=num_slots), (pl.cdiv(num_tokens, SORT_ROWS),),
+                  jax.ShapeDtypeStruct((num_tokens,), jnp.int32), tiles, interpret, "atmm_sort", slot_ids,
+                  num_warps=4)
+    return [order]
+
+
+def _shrink(order: list, x, a_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
+    """Scaled x @ A per token as split-K partials (split_k, T, R padded to block_r), float32."""
     num_slots, _, rank_buffer = a_pool.shape
-    rank_blocks = pl.cdiv(rank_buffer, tiles.block_r)
-    num_tile_slots = grouping.tile_slot.shape[0]
-    kernel = functools.partial(_shrink_kernel, tiles=tiles, num_slots=num_slots)
-    return pl.pallas_call(
-        kernel,
-        grid=(num_tile_slots, rank_blocks, tiles.split_k),
-        out_shape=jax.ShapeDtypeStruct(
-            (tiles.split_k, grouping.row_token.shape[0], rank_blocks * tiles.block_r), jnp.float32),
-        compiler_params=_compiler_params(tiles),
-        interpret=interpret,
-        name="atmm_shrink",
-    )(grouping.tile_slot, grouping.num_tiles, grouping.row_token, ranks, scales, x, a_pool)
+    num_tokens = x.shape[0]
+    out = jax.ShapeDtypeStruct((tiles.split_k, num_tokens, pl.cdiv(rank_buffer, tiles.block_r) * tiles.block_r),
+                               jnp.float32)
+    grid = (pl.cdiv(num_tokens, tiles.block_t), tiles.split_runs, tiles.split_k)
+    return _call(functools.partial(_shrink_kernel, tiles=tiles, num_slots=num_slots), grid, out, tiles,
+                 interpret, "atmm_shrink", *order, slot_ids, ranks, scales, x, a_pool)
 
 
-def _expand(b_pool, ranks, grouping: Grouping, tiles: Tiles, interpret: bool, *, xa=None,
-            a_pool=None, scales=None, base_out=None, x=None, w=None) -> jax.Array:
-    """The expand kernel; `xa` from `shrink`, or `a_pool` and `scales` to fuse the shrink (needs x, w)."""
+def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Tiles,
+                 interpret: bool) -> jax.Array:
+    """base_out (or zeros) + every token's LoRA delta, in x's dtype: [sort,] shrink, expand."""
     num_slots, _, d_out = b_pool.shape
-    num_tokens = grouping.token_row.shape[0]
-    fused_base, fuse_shrink, add_base = w is not None, xa is None, base_out is not None
-    dtype = (base_out if add_base else x).dtype
-    operands = [grouping.tile_slot, grouping.num_tiles, grouping.row_token, ranks]
-    operands += [x, w] if fused_base else []
-    operands += [scales, a_pool] if fuse_shrink else [xa]
-    operands += [b_pool] + ([base_out] if add_base else [])
-    kernel = functools.partial(_expand_kernel, tiles=tiles, num_slots=num_slots, fused_base=fused_base,
-                               fuse_shrink=fuse_shrink, add_base=add_base)
-    return pl.pallas_call(
-        kernel,
-        grid=(grouping.tile_slot.shape[0], pl.cdiv(d_out, tiles.block_n)),
-        out_shape=jax.ShapeDtypeStruct((num_tokens, d_out), dtype),
-        input_output_aliases={len(operands) - 1: 0} if add_base else {},
-        compiler_params=_compiler_params(tiles),
-        interpret=interpret,
-        name="atmm_projection" if fuse_shrink else "atmm_expand",
-    )(*operands)
+    num_tokens = x.shape[0]
+    order = _order(slot_ids, num_slots, tiles, interpret)
+    xa = _shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)
+    add_base = base_out is not None
+    kernel = functools.partial(_expand_kernel, tiles=tiles, num_slots=num_slots, add_base=add_base)
+    grid = (pl.cdiv(num_tokens, tiles.block_t), tiles.split_runs, pl.cdiv(d_out, tiles.block_n))
+    return _call(kernel, grid, jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype), tiles, interpret,
+                 "atmm_expand", *order, slot_ids, ranks, xa, b_pool, *([base_out] if add_base else []))
 
 
-def expand(xa, b_pool, ranks, grouping: Grouping, tiles: Tiles, interpret: bool, *,
-           base_out=None) -> jax.Array:
-    """y = xa @ B + base_out for every token in the layout; tokens outside it keep their base value
-    without being copied (the output aliases base_out)."""
-    return _expand(b_pool, ranks, grouping, tiles, interpret, xa=xa, base_out=base_out)
-
-
-def projection(x, w, a_pool, b_pool, ranks, scales, grouping: Grouping, tiles: Tiles,
-               interpret: bool) -> jax.Array:
-    """y = x @ W + delta with the base GEMM's K loop and the expand sharing one accumulator and one y
-    write. With tiles.fuse_shrink the same K loop also accumulates x @ A (one kernel, x read once,
-    the shrink recomputed per d_out tile); without it a split-K shrink kernel runs first (x read
-    twice, two launches, but no recomputation: the better trade once FLOPs dominate)."""
-    if tiles.fuse_shrink:
-        return _expand(b_pool, ranks, grouping, tiles, interpret, a_pool=a_pool, scales=scales, x=x, w=w)
-    xa = shrink(x, a_pool, ranks, scales, grouping, tiles, interpret)
-    return _expand(b_pool, ranks, grouping, tiles, interpret, xa=xa, x=x, w=w)
+def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
+    """x @ W + every token's LoRA delta: [sort,] shrink, then one GEMM with the expand as epilogue."""
+    num_slots, _, d_out = b_pool.shape
+    num_tokens = x.shape[0]
+    order = _order(slot_ids, num_slots, tiles, interpret)
+    xa = _shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)
+    grid = (pl.cdiv(num_tokens, tiles.block_t), pl.cdiv(d_out, tiles.block_n))
+    return _call(functools.partial(_projection_kernel, tiles=tiles, num_slots=num_slots), grid,
+                 jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype), tiles, interpret, "atmm_projection",
+                 *order, slot_ids, ranks, xa, x, w, b_pool)

@@ -1,8 +1,9 @@
 """Tile shapes per shape class: the tuned table, its nearest-key lookup, and the fallback heuristic.
 
 ATMM's point is that one tile shape cannot serve 1-token decode segments and 4096-token prefill
-segments alike, so tiles are chosen per shape class. Tiles are static (they pick the compiled kernel);
-the key therefore uses only static quantities. The number of distinct adapters in a batch is data, so
+segments alike, so tiles are chosen per shape class, separately for the delta (batched_lora) and the
+fused projection (whose GEMM wants other tiles). Tiles are static (they pick the compiled kernel); the
+key therefore uses only static quantities. The number of distinct adapters in a batch is data, so
 run-time lookups key it by its static upper bound min(N slots, T tokens).
 """
 from __future__ import annotations
@@ -19,17 +20,23 @@ TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiles"
 KEY_FIELDS = ("tokens", "d_in", "d_out", "rank", "adapters")
 TPU_SUBLANES, TPU_LANES = 8, 128
 GPU_MIN_DOT = 16  # Triton's tl.dot needs every block dim >= 16
-FUSE_SHRINK_MAX_TOKENS = 256  # decode-sized token buckets: memory- and launch-bound
+FUSE_SHRINK_MAX_TOKENS = 256  # TPU: decode-sized token buckets are memory- and launch-bound
+SORT_MIN_TOKENS = 128  # GPU: from here on a slot sort pays for its launch (fewer runs per tile)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Block sizes along tokens, d_in, rank and d_out; split-K and pipelining are GPU-only knobs.
+    """Block sizes along tokens, d_in, rank and d_out, plus backend-specific knobs.
 
-    fuse_shrink (lora_projection only): compute x @ A inside the projection kernel's d_in loop, next
-    to x @ W, instead of in a separate shrink kernel. x is then read once and one kernel runs, but
-    every d_out tile recomputes the shrink (R / block_n extra FLOPs over the base GEMM): a win while
-    the call is bound by bytes and launches (decode), a loss once it is bound by FLOPs (prefill).
+    GPU only: split_k (shrink programs per token tile along d_in), num_warps and num_stages
+    (Triton's pipelining depth); sort (tile tokens in slot order, made by one sort kernel, rather
+    than in natural order: fewer adapters per tile, one more launch); split_runs (programs sharing
+    the adapter runs of one token tile, see gpu.py).
+
+    TPU only: fuse_shrink (lora_projection only): compute x @ A inside the projection kernel's d_in
+    loop, next to x @ W, instead of in a separate shrink kernel. x is then read once and one kernel
+    runs, but every d_out tile recomputes the shrink (R / block_n extra FLOPs over the base GEMM): a
+    win while the call is bound by bytes and launches (decode), a loss once it is bound by FLOPs.
     """
 
     block_t: int
@@ -40,21 +47,25 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
     fuse_shrink: bool = False
+    sort: bool = False
+    split_runs: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class ShapeKey:
-    """A shape class: T bucket (next power of two), d_in, d_out, rank buffer R, distinct adapters."""
+    """A shape class: T bucket (next power of two), d_in, d_out, rank buffer R, distinct adapters,
+    and whether the tiles serve the fused projection (True) or the delta alone."""
 
     tokens: int
     d_in: int
     d_out: int
     rank: int
     adapters: int
+    fused: bool = False
 
     @classmethod
-    def of(cls, tokens: int, d_in: int, d_out: int, rank: int, adapters: int) -> ShapeKey:
-        return cls(_next_pow2(tokens), d_in, d_out, rank, max(1, min(adapters, tokens)))
+    def of(cls, tokens: int, d_in: int, d_out: int, rank: int, adapters: int, fused: bool = False) -> ShapeKey:
+        return cls(_next_pow2(tokens), d_in, d_out, rank, max(1, min(adapters, tokens)), fused)
 
 
 def _next_pow2(n: int) -> int:
@@ -84,16 +95,19 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             return max(GPU_MIN_DOT, min(_prev_pow2(want), _next_pow2(dim)))
 
         block_k = gpu_dim(tiles.block_k, key.d_in)
+        block_t = gpu_dim(tiles.block_t, key.tokens)
         max_split = max(1, -(-key.d_in // block_k))
         return dataclasses.replace(
             tiles,
-            block_t=gpu_dim(tiles.block_t, key.tokens),
+            block_t=block_t,
             block_k=block_k,
             block_r=gpu_dim(tiles.block_r, key.rank),
             block_n=gpu_dim(tiles.block_n, key.d_out),
             split_k=max(1, min(tiles.split_k, max_split)),
             num_warps=_prev_pow2(min(max(tiles.num_warps, 1), 16)),
             num_stages=max(1, tiles.num_stages),
+            fuse_shrink=False,
+            split_runs=max(1, min(tiles.split_runs, block_t, key.adapters + 1)),
         )
     if backend == "pallas_tpu":
         # Token tiles of 16 keep bf16 (16, 128) sublane packing; the padded token layout is a
@@ -105,34 +119,46 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             block_k=_largest_aligned_divisor(key.d_in, tiles.block_k, TPU_LANES),
             block_r=_largest_aligned_divisor(key.rank, tiles.block_r, TPU_LANES),
             block_n=_largest_aligned_divisor(key.d_out, tiles.block_n, TPU_LANES),
-            split_k=1, num_warps=4, num_stages=3,
+            split_k=1, num_warps=4, num_stages=3, sort=False, split_runs=1,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def heuristic(key: ShapeKey, backend: str) -> Tiles:
-    """Tiles where no table exists.
+    """Tiles where no table exists; `fit` then enforces each backend's rules.
 
-    Token tiles follow the mean segment length T / adapters (decode segments are a token or two, so
-    small tiles waste least padding; prefill segments are long, so large tiles reuse weights); split-K
-    spreads the shrink of a short batch over more programs, since few token tiles cannot fill the
-    GPU; wide d_out tiles amortise each token tile's reads. The shrink is fused into the projection
-    for token buckets up to FUSE_SHRINK_MAX_TOKENS, where the recomputed x @ A hides under the bytes
-    (see Tiles). `fit` then enforces each backend's rules.
+    GPU: decode buckets (T <= 256) are bound by launches and bytes, so every kernel is spread wide:
+    the delta's token tiles are small, each tile's adapter runs get programs of their own
+    (split_runs = the expected runs per tile) and split-K brings the shrink to about 128 programs.
+    Tokens are slot-sorted from SORT_MIN_TOKENS on, where a tile would otherwise hold most adapters.
+    The fused projection is a GEMM first: at decode one or a few token tiles cover the batch (W read
+    once) and narrow d_out tiles fill the SMs; at prefill its tiles are the usual GEMM tiles.
+
+    TPU: token tiles follow the mean segment length T / adapters over the padded slot-sorted layout;
+    the shrink is fused into the projection up to FUSE_SHRINK_MAX_TOKENS (see Tiles).
     """
-    fuse_shrink = key.tokens <= FUSE_SHRINK_MAX_TOKENS
     segment = max(1, key.tokens // key.adapters)
-    block_t = 16 if segment <= 16 else 64 if segment <= 256 else 128
-    if backend == "pallas_gpu":
-        split_k = 8 if key.tokens <= 64 else 4 if key.tokens <= 512 else 1
-        # (128, 64) x tiles + (64, 128) w tiles in 2 stages stay well inside an H100's 227 KiB of shared
-        # memory; (128, 256) d_out tiles in 3 stages asked for 288 KiB and failed to launch at prefill.
-        tiles = Tiles(block_t=block_t, block_k=64 if block_t >= 128 else 128, block_r=min(key.rank, 64),
-                      block_n=128, split_k=split_k, num_warps=8 if block_t >= 128 else 4,
-                      num_stages=2 if block_t >= 128 else 3, fuse_shrink=fuse_shrink)
-    else:
+    if backend == "pallas_tpu":
+        block_t = 16 if segment <= 16 else 64 if segment <= 256 else 128
         tiles = Tiles(block_t=block_t, block_k=512, block_r=min(key.rank, 256), block_n=512,
-                      fuse_shrink=fuse_shrink)
+                      fuse_shrink=key.tokens <= FUSE_SHRINK_MAX_TOKENS)
+        return fit(tiles, key, backend)
+    decode, sort = key.tokens <= 256, key.tokens >= SORT_MIN_TOKENS
+    if key.fused:
+        block_t = min(64, key.tokens) if decode else 128
+        block_n = 32 if key.tokens <= 32 else 64 if decode else 128
+    else:
+        block_t = 16 if not sort or segment <= 16 else 64 if segment <= 256 else 128
+        block_n = 128 if decode else 256
+    block_t = max(GPU_MIN_DOT, min(block_t, key.tokens))  # as `fit` will clamp it
+    runs = min(key.adapters + 1, block_t // segment + 1 if sort else block_t)
+    split_runs = runs if decode else 1
+    programs = -(-key.tokens // block_t) * split_runs
+    split_k = max(1, min(8, _prev_pow2(max(1, 128 // programs))))
+    block_k, num_warps, num_stages = (128, 4, 4 if key.fused else 3) if decode else (64, 8, 3)
+    tiles = Tiles(block_t=block_t, block_k=block_k, block_r=min(key.rank, 64), block_n=block_n,
+                  split_k=split_k, num_warps=num_warps, num_stages=num_stages, sort=sort,
+                  split_runs=split_runs)
     return fit(tiles, key, backend)
 
 
@@ -179,14 +205,16 @@ class TileTable:
         return cls.from_json(path.read_text())
 
     def lookup(self, key: ShapeKey) -> Tiles:
-        """Tiles of the nearest stored key (log2 distance over all fields), fitted to `key`."""
-        if not self.entries:
+        """Tiles of the nearest stored key of the same kind (delta or fused; log2 distance over the
+        sizes), fitted to `key`; the heuristic's when the table holds none of that kind."""
+        entries = [stored for stored in self.entries if stored.fused == key.fused]
+        if not entries:
             return heuristic(key, self.backend)
 
         def distance(stored: ShapeKey) -> float:
             return sum(abs(math.log2(getattr(stored, f)) - math.log2(getattr(key, f))) for f in KEY_FIELDS)
 
-        return fit(self.entries[min(self.entries, key=distance)], key, self.backend)
+        return fit(self.entries[min(entries, key=distance)], key, self.backend)
 
 
 _loaded: dict[pathlib.Path, TileTable | None] = {}

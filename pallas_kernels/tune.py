@@ -2,19 +2,19 @@
 
     python -m pallas_kernels.tune [--out configs/tiles/<device>.json] [--backend B] [--quick --interpret]
 
-For each (T bucket, d_in, d_out, R, active adapters) of the grid, every candidate tile (fitted to the
-shape and deduplicated; the heuristic's pick and its fuse_shrink twin always compete) is timed on the
-delta (batched_lora) plus the fused projection, inside one jitted loop each (`timing.py`); the fastest
-total wins. The table records the device kind and jax version. `--quick --interpret` runs a tiny grid
-in Pallas interpret mode so the tool itself can be exercised on CPU; its timings there mean nothing.
+For each workload of the grid (the anchor shapes of BENCHMARKS.md) and each operation (the delta,
+batched_lora, and the fused projection, lora_projection: separate keys, since a GEMM wants other
+tiles), the heuristic's tiles and their one-step neighbours (each knob doubled or halved, each switch
+flipped; fitted and deduplicated) are timed inside one jitted loop each (`timing.py`); the fastest
+wins. Candidates that fail to compile or launch (shared memory, registers) are skipped. The table
+records the device kind and jax version. `--quick --interpret` runs a tiny grid in Pallas interpret
+mode so the tool itself can be exercised on CPU; its timings there mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import pathlib
-import random
 
 import jax
 from tqdm import tqdm
@@ -23,50 +23,39 @@ from pallas_kernels import api, timing
 from pallas_kernels.tiles import ShapeKey, Tiles, TileTable, fit, heuristic, table_path
 from pallas_kernels.workload import Workload
 
-GRID = dict(tokens=(16, 64, 256, 1024, 4096), dims=((4096, 4096), (4096, 11008), (11008, 4096)),
-            ranks=(16, 64), adapters=(1, 4, 32))
-QUICK_GRID = dict(tokens=(16, 64), dims=((128, 256),), ranks=(16,), adapters=(2,))
-
-GPU_SPACE = dict(block_t=(16, 32, 64, 128), block_k=(32, 64, 128), block_n=(64, 128, 256),
-                 split_k=(1, 4, 8), pipeline=((4, 2), (4, 3), (8, 3), (8, 4)),
-                 fuse_shrink=(False, True))
-TPU_SPACE = dict(block_t=(16, 32, 64, 128, 256), block_k=(256, 512, 1024), block_n=(256, 512, 1024),
-                 split_k=(1,), pipeline=((4, 3),), fuse_shrink=(False, True))
+GRID = [(32, 16, 4), (32, 16, 32), (256, 16, 32), (256, 64, 32), (4096, 64, 4)]  # (T, rank, adapters)
+QUICK_GRID = [(16, 16, 2), (64, 16, 2)]
+SWITCH = {"pallas_gpu": "sort", "pallas_tpu": "fuse_shrink"}  # the size-dependent choice of each backend
+KNOBS = {"pallas_gpu": ("block_n", "split_k", "block_t", "split_runs", "num_warps", "num_stages", "block_k"),
+         "pallas_tpu": ("block_t", "block_k", "block_n")}
 
 
-def candidates(key: ShapeKey, backend: str, limit: int, seed: int = 0) -> list[Tiles]:
-    """Up to `limit` distinct fitted tiles from the backend's space, both fuse_shrink settings.
-
-    The heuristic's pick comes first and its twin with fuse_shrink flipped second, so that even a
-    short candidate list measures where the T threshold for fusing the shrink really lies.
-    """
-    space = GPU_SPACE if backend == "pallas_gpu" else TPU_SPACE
-    pool = {fit(Tiles(bt, bk, key.rank, bn, sk, warps, stages, fuse), key, backend)
-            for bt, bk, bn, sk, (warps, stages), fuse in itertools.product(*space.values())}
+def candidates(key: ShapeKey, backend: str, limit: int) -> list[Tiles]:
+    """Up to `limit` distinct fitted tiles: the heuristic's, its twin with the backend's switch
+    flipped (so that even a short list measures where that threshold lies), then one-knob neighbours."""
     first = heuristic(key, backend)
-    twin = dataclasses.replace(first, fuse_shrink=not first.fuse_shrink)
-    rest = sorted(pool - {first, twin}, key=repr)
-    random.Random(seed).shuffle(rest)
-    return [first, twin, *rest][:limit]
+    found = [first, fit(dataclasses.replace(first, **{SWITCH[backend]: not getattr(first, SWITCH[backend])}),
+                        key, backend)]
+    for knob in KNOBS[backend]:
+        value = getattr(first, knob)
+        for other in (value * 2, value // 2) if knob != "num_stages" else (value + 1, value - 1):
+            found.append(fit(dataclasses.replace(first, **{knob: max(1, other)}), key, backend))
+    return list(dict.fromkeys(found))[:limit]
 
 
 def shape_grid(quick: bool) -> list[Workload]:
-    grid = QUICK_GRID if quick else GRID
-    pool = 8 if quick else 64
-    return [Workload(t, d_in, d_out, r, a, pool=pool)
-            for t, (d_in, d_out), r, a in itertools.product(
-                grid["tokens"], grid["dims"], grid["ranks"], grid["adapters"])]
+    hidden, pool = (128, 8) if quick else (4096, 64)
+    return [Workload(t, hidden, hidden, r, a, pool=pool) for t, r, a in (QUICK_GRID if quick else GRID)]
 
 
-def _time_tiles(data: list[dict], tiles: Tiles, backend: str, args) -> float:
+def _time_tiles(data: list[dict], key: ShapeKey, tiles: Tiles, backend: str, args) -> float:
     lora_keys = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
     kw = dict(backend=backend, interpret=args.interpret, tiles=tiles)
-    delta = timing.seconds_per_call(lambda *a: api.batched_lora(*a, **kw),
-                                    [tuple(d[k] for k in lora_keys) for d in data], calls=args.calls)
-    fused = timing.seconds_per_call(lambda *a: api.lora_projection(*a, **kw),
-                                    [tuple(d[k] for k in ("x", "w", *lora_keys[1:])) for d in data],
-                                    calls=args.calls)
-    return delta + fused
+    if key.fused:
+        fn, keys = (lambda *a: api.lora_projection(*a, **kw)), ("x", "w", *lora_keys[1:])
+    else:
+        fn, keys = (lambda *a: api.batched_lora(*a, **kw)), lora_keys
+    return timing.seconds_per_call(fn, [tuple(d[k] for k in keys) for d in data], calls=args.calls)
 
 
 def main(argv: list[str] | None = None) -> TileTable:
@@ -83,28 +72,34 @@ def main(argv: list[str] | None = None) -> TileTable:
     if backend == "reference":
         parser.error("no GPU or TPU here: pass --backend pallas_gpu/pallas_tpu with --interpret")
     args.calls = args.calls or (1 if args.quick else 100)
-    limit = args.max_candidates or (2 if args.quick else 24)
+    limit = args.max_candidates or (2 if args.quick else 8)
 
     table = TileTable(jax.devices()[0].device_kind, backend, jax.__version__)
-    workloads = shape_grid(args.quick)
+    out = args.out or table_path(table.device_kind)
     jobs = []
-    for workload in workloads:
-        key = ShapeKey.of(workload.tokens, workload.d_in, workload.d_out, workload.rank, workload.adapters)
-        jobs += [(workload, key, tiles) for tiles in candidates(key, backend, limit)]
+    for workload in shape_grid(args.quick):
+        for fused in (False, True):
+            key = ShapeKey.of(workload.tokens, workload.d_in, workload.d_out, workload.rank, workload.adapters,
+                              fused)
+            jobs += [(workload, key, tiles) for tiles in candidates(key, backend, limit)]
     best: dict[ShapeKey, tuple[float, Tiles]] = {}
     data_for, data = None, []  # one workload's inputs live at a time
     for workload, key, tiles in tqdm(jobs, desc=f"tune {backend}", unit="tile"):
         if data_for != workload:
             copies = timing.copies_past_cache(workload.copy_bytes(), max_copies=1 if args.quick else 4)
             data_for, data = workload, [workload.arrays(seed) for seed in range(copies)]
-        seconds = _time_tiles(data, tiles, backend, args)
+        try:
+            seconds = _time_tiles(data, key, tiles, backend, args)
+        except Exception as error:  # noqa: BLE001 - a tile the device cannot run is just a loser
+            print(f"{key} {tiles}: skipped, {type(error).__name__}: {str(error)[:200]}")
+            continue
+        tqdm.write(f"{key} {tiles}: {seconds * 1e6:.1f} us")
         if key not in best or seconds < best[key][0]:
             best[key] = (seconds, tiles)
-    table.entries = {key: tiles for key, (_, tiles) in best.items()}
-    out = args.out or table_path(table.device_kind)
-    table.save(out)
+            table.entries = {key: tiles for key, (_, tiles) in best.items()}
+            table.save(out)  # as it goes, so that a run cut short keeps its winners
     for key, (seconds, tiles) in best.items():
-        print(f"{key} -> {tiles} ({seconds * 1e6:.1f} us delta + fused)")
+        print(f"{key} -> {tiles} ({seconds * 1e6:.1f} us)")
     print(f"wrote {len(table.entries)} entries to {out}")
     return table
 

@@ -15,8 +15,8 @@ def test_tune_writes_a_table_whose_lookups_run_correctly(tmp_path):
     tune.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--out", str(out)])
     table = TileTable.load(out)
     assert table.backend == "pallas_gpu" and table.device_kind and table.jax_version
-    assert set(table.entries) == {ShapeKey.of(w.tokens, w.d_in, w.d_out, w.rank, w.adapters)
-                                  for w in tune.shape_grid(quick=True)}
+    assert set(table.entries) == {ShapeKey.of(w.tokens, w.d_in, w.d_out, w.rank, w.adapters, fused)
+                                  for w in tune.shape_grid(quick=True) for fused in (False, True)}
     # an unseen shape: the nearest entry, fitted, must drive a correct kernel
     rng = np.random.default_rng(3)
     T, d_in, d_out, N, R = 27, 64, 96, 3, 8

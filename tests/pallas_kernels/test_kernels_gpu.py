@@ -2,16 +2,15 @@
 
 Skipped, with that reason, where no GPU is present (CI): run them on an accelerator with
 `pytest -m gpu tests/pallas_kernels`. Small cases use the test tiles; the anchor shapes of
-BENCHMARKS.md use the heuristic tiles the benchmark runs with (so a tile that cannot launch fails here).
+BENCHMARKS.md use the tiles the benchmark runs with (this device's table, else the heuristic), so a
+tile that cannot launch fails here.
 """
-import dataclasses
-
 import jax
 import pytest
 
 import pallas_kernels as pk
 from pallas_kernels.workload import Workload
-from tests.pallas_kernels.cases import CASES, GPU_TILES, TOLERANCE
+from tests.pallas_kernels.cases import CASES, GPU_VARIANTS, TOLERANCE
 from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
 
 pytestmark = [
@@ -24,11 +23,10 @@ ANCHORS = {"decode-few": (32, 16, 4), "decode-many": (32, 16, 32), "decode-large
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("fuse_shrink", [False, True])
+@pytest.mark.parametrize("tiles", GPU_VARIANTS.values(), ids=GPU_VARIANTS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_small_cases_match_float64(case, fuse_shrink, dtype):
+def test_small_cases_match_float64(case, tiles, dtype):
     data = case.arrays(dtype)
-    tiles = dataclasses.replace(GPU_TILES, fuse_shrink=fuse_shrink)
     delta = pk.batched_lora(*(data[k] for k in LORA_ARGS), base_out=data["base_out"], backend="pallas_gpu",
                             tiles=tiles)
     expected = lora_delta_f64(*(data[k] for k in LORA_ARGS))

@@ -21,18 +21,29 @@ TARGETS = {  # backend: (export platform, device kind, custom call)
 }
 
 
-@pytest.mark.parametrize("fused, fuse_shrink", [(False, False), (True, False), (True, True)],
-                         ids=["delta", "fused", "fused-shrink"])
+def _kernels(backend: str, fused: bool, tiles) -> list[str]:
+    """The pallas_calls one jitted call must contain."""
+    if backend == "pallas_gpu":
+        return ["atmm_sort"] * tiles.sort + ["atmm_shrink", "atmm_projection" if fused else "atmm_expand"]
+    return ["atmm_projection"] if fused and tiles.fuse_shrink else ["atmm_shrink", "atmm_expand"]
+
+
+@pytest.mark.parametrize("fused, flip", [(False, False), (True, False), (True, True)],
+                         ids=["delta", "fused", "fused-flipped"])
 @pytest.mark.parametrize("tokens, rank", [(32, 16), (512, 256)])
 @pytest.mark.parametrize("backend", TARGETS)
-def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, fuse_shrink):
+def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, flip):
+    """Heuristic tiles at both sizes, and with the size-dependent choice flipped (GPU: sort, TPU:
+    fuse_shrink), so every kernel variant lowers."""
     platform, kind, custom_call = TARGETS[backend]
     d_in, d_out, slots = 1024, 2048, 8
     spec = jax.ShapeDtypeStruct
     lora = (spec((slots, d_in, rank), jnp.bfloat16), spec((slots, rank, d_out), jnp.bfloat16),
             spec((tokens,), jnp.int32), spec((slots,), jnp.int32), spec((slots,), jnp.float32))
-    tiles = heuristic(ShapeKey.of(tokens, d_in, d_out, rank, slots), backend)
-    tiles = dataclasses.replace(tiles, fuse_shrink=fuse_shrink)  # both settings at both sizes
+    tiles = heuristic(ShapeKey.of(tokens, d_in, d_out, rank, slots, fused), backend)
+    if flip:
+        flipped = "sort" if backend == "pallas_gpu" else "fuse_shrink"
+        tiles = dataclasses.replace(tiles, **{flipped: not getattr(tiles, flipped)})
     static = dict(backend=backend, tiles=tiles, interpret=False)
     if fused:
         fn = lambda x, w, *rest: api._lora_projection(x, w, *rest, **static)  # noqa: E731
@@ -45,6 +56,6 @@ def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, fuse_sh
         exported = jax.export.export(
             jax.jit(fn), platforms=[platform],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
-    kernels = ["atmm_projection"] if fuse_shrink else ["atmm_shrink", "atmm_expand"]
+    kernels = _kernels(backend, fused, tiles)
     module = exported.mlir_module()
     assert module.count(custom_call) == len(kernels) and all(name in module for name in kernels)

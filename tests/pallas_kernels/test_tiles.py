@@ -1,5 +1,6 @@
-"""Tile tables round-trip, every lookup returns tiles the backend can lower, and fuse_shrink is picked
-by token bucket and tuned both ways."""
+"""Tile tables round-trip, every lookup returns tiles the backend can lower, lookups keep the delta's
+and the fused projection's entries apart, and the size-dependent switches are picked by token bucket
+and tuned both ways."""
 import dataclasses
 import math
 
@@ -21,6 +22,7 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
             assert block >= 16 and block & (block - 1) == 0
         assert 1 <= tiles.split_k <= math.ceil(key.d_in / tiles.block_k)
         assert tiles.num_warps & (tiles.num_warps - 1) == 0 and tiles.num_stages >= 1
+        assert 1 <= tiles.split_runs <= tiles.block_t and not tiles.fuse_shrink
     else:
         assert tiles.block_t % 8 == 0
         for block, dim in ((tiles.block_k, key.d_in), (tiles.block_r, key.rank), (tiles.block_n, key.d_out)):
@@ -30,7 +32,7 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
 def test_table_round_trips_through_json(tmp_path):
     table = TileTable("TPU v5 lite", "pallas_tpu", "0.11.2", {
         ShapeKey.of(32, 4096, 4096, 16, 4): Tiles(16, 512, 16, 512),
-        ShapeKey.of(4096, 4096, 11008, 64, 4): Tiles(128, 1024, 64, 256, 1, 4, 3, fuse_shrink=True),
+        ShapeKey.of(4096, 4096, 11008, 64, 4, fused=True): Tiles(128, 1024, 64, 256, 1, 4, 3, fuse_shrink=True),
     })
     path = tmp_path / "tiles" / "tpu.json"
     table.save(path)
@@ -58,6 +60,17 @@ def test_lookup_picks_the_nearest_stored_shape():
     assert table.lookup(near_prefill) == fit(prefill, near_prefill, "pallas_gpu")
 
 
+def test_lookup_keeps_delta_and_fused_entries_apart():
+    delta, fused = Tiles(16, 128, 16, 128, 8, 4, 3), Tiles(32, 128, 16, 32, 4, 4, 4)
+    table = TileTable("dev", "pallas_gpu", "0.11.2", {ShapeKey.of(32, 4096, 4096, 16, 4): delta})
+    fused_key = ShapeKey.of(32, 4096, 4096, 16, 4, fused=True)
+    assert table.lookup(fused_key) == heuristic(fused_key, "pallas_gpu")  # no fused entry yet
+    table.entries[ShapeKey.of(4096, 4096, 4096, 64, 4, fused=True)] = fused
+    assert table.lookup(fused_key) == fit(fused, fused_key, "pallas_gpu")
+    assert table.lookup(ShapeKey.of(4096, 4096, 4096, 64, 4)) == fit(delta, ShapeKey.of(4096, 4096, 4096, 64, 4),
+                                                                     "pallas_gpu")
+
+
 def test_missing_table_or_other_backend_falls_back_to_heuristic(tmp_path):
     key = ShapeKey.of(64, 4096, 4096, 16, 8)
     assert tiles_for(key, "pallas_gpu", tmp_path / "absent.json") == heuristic(key, "pallas_gpu")
@@ -69,12 +82,26 @@ def test_missing_table_or_other_backend_falls_back_to_heuristic(tmp_path):
 
 @settings(max_examples=60, deadline=None)
 @given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
-def test_heuristic_fuses_the_shrink_for_decode_sized_batches_only(key, backend):
-    assert heuristic(key, backend).fuse_shrink == (key.tokens <= 256)
+def test_heuristic_switches_by_token_bucket(key, backend):
+    """GPU sorts tokens by slot from 128 tokens on; TPU fuses the shrink up to 256 tokens."""
+    tiles = heuristic(key, backend)
+    if backend == "pallas_gpu":
+        assert tiles.sort == (key.tokens >= 128) and not tiles.fuse_shrink
+    else:
+        assert tiles.fuse_shrink == (key.tokens <= 256) and not tiles.sort and tiles.split_runs == 1
 
 
 @given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
-def test_tune_candidates_cover_both_shrink_placements(key, backend):
+def test_tune_candidates_flip_the_size_dependent_switch(key, backend):
+    switch = tune.SWITCH[backend]
     pair = tune.candidates(key, backend, limit=2)
     assert pair[0] == heuristic(key, backend)
-    assert pair[1] == dataclasses.replace(pair[0], fuse_shrink=not pair[0].fuse_shrink)
+    assert pair[1] == dataclasses.replace(pair[0], **{switch: not getattr(pair[0], switch)})
+
+
+@given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
+def test_tune_candidates_are_distinct_and_valid(key, backend):
+    found = tune.candidates(key, backend, limit=100)
+    assert len(found) == len(set(found)) >= 2
+    for tiles in found:
+        assert_valid(tiles, key, backend)
