@@ -4,8 +4,8 @@
 
 Per anchor shape of BENCHMARKS.md: the byte floor from a copy bandwidth measured in the same run, the
 kernel's time and its multiple of the floor, the stock-JAX formulations as multiples of the floor,
-and fused (base + delta) / base. Every time comes from many calls inside one jitted loop
-(`timing.py`). Prints a Markdown table and writes bench.md and bench.json to --out.
+and fused (base + delta) / base; also the time of a one-kernel call, the floor of any timed call.
+Every time comes from many calls inside one jitted loop (`timing.py`). Prints a Markdown table and writes bench.md and bench.json to --out.
 `--quick --interpret` shrinks every shape so the script runs on CPU; its times there mean nothing.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from pallas_kernels import api, baselines, timing
@@ -87,14 +88,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     copy_bytes = 2**23 if args.quick else 2**30
     bandwidth = timing.copy_bandwidth(copy_bytes, calls=args.calls, repeats=args.repeats)
+    # The floor of any timed call: one tiny elementwise kernel, three input copies as at decode.
+    tiny = [(jnp.full((8, 128), float(i)),) for i in range(3)]
+    call_us = 1e6 * timing.seconds_per_call(lambda a: a + 1.0, tiny, calls=args.calls, repeats=args.repeats)
     workloads = _workloads(args)
     rows = [_measure(name, w, bandwidth, args)
             for name, w in tqdm(workloads.items(), desc="bench", unit="shape")]
     result = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
               "backend": api.resolve_backend(args.backend), "interpret": args.interpret,
-              "copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows}
+              "copy_bandwidth_GBps": bandwidth / 1e9, "tiny_call_us": call_us, "rows": rows}
     table = markdown(rows)
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {result['device_kind']} ({result['backend']})")
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {result['device_kind']} ({result['backend']}); "
+          f"a one-kernel call times {call_us:.2f} us here (the timing floor)")
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(table + "\n")

@@ -18,6 +18,10 @@ decode tiles hold many runs and are too few to fill the GPU on their own.
 - projection: grid (tiles, d_out tiles). y = x @ W with the expand as its epilogue, so W is read once
   per token tile and y written once; the shrink kernel runs first.
 
+With tiles.expand_rows the expand (of the delta and of the projection's epilogue) skips the runs and
+lets every row gather its own adapter's B instead (`_expand_rows`): for decode, where the runs of a
+tile would be a chain of dependent loads.
+
 Masked-off lanes of every gather and scatter point out of bounds (token index T), which the Triton
 lowering never touches and interpret mode drops, so interpret mode is exact too.
 """
@@ -83,20 +87,52 @@ def _for_each_run(keys: jax.Array, stop_key: int, body, carry, *, group=0, group
     return lax.while_loop(lambda state: state[0] < stop_key, step, start)[2]
 
 
+def _over_rank_blocks(rank, rank_buffer: int, block_r: int, body, carry):
+    """carry = body(r_idx, r_ok, carry) for each rank block below `rank`.
+
+    A static loop of conds rather than an scf.for: Triton would software-pipeline a loop, and in an
+    epilogue that only buys shared-memory buffers (which ran out at prefill tiles) for one trip.
+    """
+    for rank_block in range(pl.cdiv(rank_buffer, block_r)):
+        r_idx = rank_block * block_r + jnp.arange(block_r)
+        step = functools.partial(body, r_idx, r_idx < rank)
+        carry = lax.cond(rank_block * block_r < rank, step, lambda c: c, carry)
+    return carry
+
+
 def _expand_run(acc, key, in_run, rows, n_idx, n_ok, ranks_ref, xa_ref, b_ref, *, block_r: int,
                 num_slots: int):
     """acc[rows of the run] += (sum of split-K partials of xa) @ B[key, :rank, n_idx], rank-blocked."""
     rank = jnp.where(key < num_slots, ranks_ref[jnp.minimum(key, num_slots - 1)], 0)
 
-    def rank_step(rank_block, acc):
-        r_idx = rank_block * block_r + jnp.arange(block_r)
-        r_ok = r_idx < rank
+    def rank_block(r_idx, r_ok, acc):
         xa_mask = in_run[:, None] & r_ok[None, :]
         xa = sum(_load(xa_ref, s, rows[:, None], r_idx[None, :], mask=xa_mask) for s in range(xa_ref.shape[0]))
         b = _load(b_ref, key, r_idx[:, None], n_idx[None, :], mask=r_ok[:, None] & n_ok[None, :])
         return acc + _dot(xa.astype(b.dtype), b)
 
-    return lax.fori_loop(0, pl.cdiv(rank, block_r), rank_step, acc)
+    return _over_rank_blocks(rank, b_ref.shape[1], block_r, rank_block, acc)
+
+
+def _expand_rows(acc, keys, rows, n_idx, n_ok, ranks_ref, xa_ref, b_ref, *, num_slots: int):
+    """acc[t] += (sum of split-K partials of xa[t]) @ B[slot_t, :rank_t, n_idx] for every row at once.
+
+    Rank-1 updates in which each row gathers its own row of B: no loop over the tile's adapters, so
+    every load is independent of the others. At decode a tile holds many adapters, and a loop over
+    them is a chain of dependent load latencies (about 1 us each on an H100); the cost is that each
+    token re-reads its adapter's B (from L2) and the FMAs run off the tensor cores.
+    """
+    has = keys < num_slots
+    slot = jnp.where(has, keys, 0)
+    rank = _load(ranks_ref, slot, mask=has)
+
+    def rank_step(r, acc):
+        live = r < rank
+        xa = sum(_load(xa_ref, s, rows, r, mask=live) for s in range(xa_ref.shape[0]))
+        b = _load(b_ref, slot[:, None], r, n_idx[None, :], mask=live[:, None] & n_ok[None, :])
+        return acc + xa[:, None] * b.astype(jnp.float32)
+
+    return lax.fori_loop(0, jnp.max(rank), rank_step, acc)
 
 
 def _split_refs(refs, sort: bool):
@@ -135,10 +171,7 @@ def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
     def run(key, in_run, carry):
         rank, scale = ranks_ref[key], scales_ref[key]
 
-        def rank_step(rank_block, carry):
-            r_idx = rank_block * br + jnp.arange(br)
-            r_ok = r_idx < rank
-
+        def rank_block(r_idx, r_ok, carry):
             def k_step(k_block, acc):
                 k_idx = k_block * bk + jnp.arange(bk)
                 k_ok = k_idx < d_in
@@ -152,7 +185,7 @@ def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
                         mask=in_run[:, None] & r_ok[None, :])
             return carry
 
-        return lax.fori_loop(0, pl.cdiv(rank, br), rank_step, carry)
+        return _over_rank_blocks(rank, a_ref.shape[2], br, rank_block, carry)
 
     _for_each_run(keys, num_slots, run, jnp.int32(0), group=group, groups=tiles.split_runs)
 
@@ -163,18 +196,21 @@ def _expand_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool):
     tile, group, n_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bt, bn = tiles.block_t, tiles.block_n
     d_out = out_ref.shape[1]
-    rows, _, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
+    rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
     n_idx = n_block * bn + jnp.arange(bn)
     n_ok = n_idx < d_out
-    expand_run = functools.partial(_expand_run, rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref,
-                                   xa_ref=xa_ref, b_ref=b_ref, block_r=tiles.block_r, num_slots=num_slots)
+    refs = dict(rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, xa_ref=xa_ref, b_ref=b_ref,
+                num_slots=num_slots)
+    acc = jnp.zeros((bt, bn), jnp.float32)
+    if tiles.expand_rows:
+        acc, mine = _expand_rows(acc, keys, **refs), valid
+    else:
+        def run(key, in_run, carry):  # the no-adapter run (key N, rank 0) only marks its rows written
+            acc, mine = carry
+            return _expand_run(acc, key, in_run, block_r=tiles.block_r, **refs), mine | in_run
 
-    def run(key, in_run, carry):  # the no-adapter run (key N, rank 0) only marks its rows as written here
-        acc, mine = carry
-        return expand_run(acc, key, in_run), mine | in_run
-
-    start = (jnp.zeros((bt, bn), jnp.float32), jnp.zeros((bt,), jnp.bool_))
-    acc, mine = _for_each_run(keys, num_slots + 1, run, start, group=group, groups=tiles.split_runs)
+        start = (acc, jnp.zeros((bt,), jnp.bool_))
+        acc, mine = _for_each_run(keys, num_slots + 1, run, start, group=group, groups=tiles.split_runs)
     mask = mine[:, None] & n_ok[None, :]
     if add_base:
         acc += _load(base_ref, rows[:, None], n_idx[None, :], mask=mask).astype(jnp.float32)
@@ -198,9 +234,14 @@ def _projection_kernel(*refs, tiles: Tiles, num_slots: int):
         return acc + _dot(x, w)
 
     acc = lax.fori_loop(0, math.ceil(d_in / bk), k_step, jnp.zeros((bt, bn), jnp.float32))
-    expand_run = functools.partial(_expand_run, rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref,
-                                   xa_ref=xa_ref, b_ref=b_ref, block_r=tiles.block_r, num_slots=num_slots)
-    acc = _for_each_run(keys, num_slots, lambda key, in_run, acc: expand_run(acc, key, in_run), acc)
+    refs = dict(rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, xa_ref=xa_ref, b_ref=b_ref,
+                num_slots=num_slots)
+    if tiles.expand_rows:
+        acc = _expand_rows(acc, keys, **refs)
+    else:
+        acc = _for_each_run(keys, num_slots,
+                            lambda key, in_run, acc: _expand_run(acc, key, in_run, block_r=tiles.block_r, **refs),
+                            acc)
     plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype),
                 mask=valid[:, None] & n_ok[None, :])
 
@@ -242,13 +283,21 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Ti
     xa = _shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)
     add_base = base_out is not None
     kernel = functools.partial(_expand_kernel, tiles=tiles, num_slots=num_slots, add_base=add_base)
-    grid = (pl.cdiv(num_tokens, tiles.block_t), tiles.split_runs, pl.cdiv(d_out, tiles.block_n))
+    run_groups = 1 if tiles.expand_rows else tiles.split_runs
+    grid = (pl.cdiv(num_tokens, tiles.block_t), run_groups, pl.cdiv(d_out, tiles.block_n))
     return _call(kernel, grid, jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype), tiles, interpret,
                  "atmm_expand", *order, slot_ids, ranks, xa, b_pool, *([base_out] if add_base else []))
 
 
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
-    """x @ W + every token's LoRA delta: [sort,] shrink, then one GEMM with the expand as epilogue."""
+    """x @ W + every token's LoRA delta: [sort,] shrink, then one GEMM with the expand as epilogue.
+
+    With tiles.xla_base the base GEMM is XLA's (cuBLAS) instead and the delta's expand adds to it (y
+    written twice): the fallback where this Pallas GEMM is slower than cuBLAS at a shape.
+    """
+    if tiles.xla_base:
+        base = _dot(x, w).astype(x.dtype)
+        return batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base, tiles, interpret)
     num_slots, _, d_out = b_pool.shape
     num_tokens = x.shape[0]
     order = _order(slot_ids, num_slots, tiles, interpret)

@@ -1,4 +1,7 @@
-"""Token grouping metadata, computed on device inside the jitted call.
+"""Token grouping metadata for the TPU kernels, computed on device inside the jitted call.
+
+(Mosaic moves whole blocks, so the TPU kernels need tokens copied into this padded layout; the GPU
+kernels gather rows in-kernel and sort, when they do, with a kernel of their own: see gpu.py.)
 
 Tokens are stably sorted by slot and each slot's segment is padded to a whole number of token tiles,
 so every tile belongs to exactly one adapter: a kernel program reads one adapter's A and B and needs

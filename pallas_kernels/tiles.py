@@ -31,7 +31,9 @@ class Tiles:
     GPU only: split_k (shrink programs per token tile along d_in), num_warps and num_stages
     (Triton's pipelining depth); sort (tile tokens in slot order, made by one sort kernel, rather
     than in natural order: fewer adapters per tile, one more launch); split_runs (programs sharing
-    the adapter runs of one token tile, see gpu.py).
+    the adapter runs of one token tile); expand_rows (expand by per-row gathers of B instead of one
+    dot per adapter run); xla_base (lora_projection only: base GEMM by XLA, delta added by the
+    expand, instead of the Pallas GEMM with the expand as epilogue). See gpu.py.
 
     TPU only: fuse_shrink (lora_projection only): compute x @ A inside the projection kernel's d_in
     loop, next to x @ W, instead of in a separate shrink kernel. x is then read once and one kernel
@@ -49,6 +51,8 @@ class Tiles:
     fuse_shrink: bool = False
     sort: bool = False
     split_runs: int = 1
+    expand_rows: bool = False
+    xla_base: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,7 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             num_stages=max(1, tiles.num_stages),
             fuse_shrink=False,
             split_runs=max(1, min(tiles.split_runs, block_t, key.adapters + 1)),
+            xla_base=tiles.xla_base and key.fused,
         )
     if backend == "pallas_tpu":
         # Token tiles of 16 keep bf16 (16, 128) sublane packing; the padded token layout is a
@@ -119,7 +124,7 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             block_k=_largest_aligned_divisor(key.d_in, tiles.block_k, TPU_LANES),
             block_r=_largest_aligned_divisor(key.rank, tiles.block_r, TPU_LANES),
             block_n=_largest_aligned_divisor(key.d_out, tiles.block_n, TPU_LANES),
-            split_k=1, num_warps=4, num_stages=3, sort=False, split_runs=1,
+            split_k=1, num_warps=4, num_stages=3, sort=False, split_runs=1, expand_rows=False, xla_base=False,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -127,12 +132,14 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
 def heuristic(key: ShapeKey, backend: str) -> Tiles:
     """Tiles where no table exists; `fit` then enforces each backend's rules.
 
-    GPU: decode buckets (T <= 256) are bound by launches and bytes, so every kernel is spread wide:
-    the delta's token tiles are small, each tile's adapter runs get programs of their own
-    (split_runs = the expected runs per tile) and split-K brings the shrink to about 128 programs.
-    Tokens are slot-sorted from SORT_MIN_TOKENS on, where a tile would otherwise hold most adapters.
-    The fused projection is a GEMM first: at decode one or a few token tiles cover the batch (W read
-    once) and narrow d_out tiles fill the SMs; at prefill its tiles are the usual GEMM tiles.
+    GPU (fitted to the H100 tuning runs): decode buckets (T <= 256) are bound by launches and bytes,
+    so every kernel is spread wide: the delta's token tiles are small, each tile's adapter runs get
+    programs of their own (split_runs = the expected runs per tile) and split-K brings the shrink to
+    about 256 programs. Tokens are slot-sorted from SORT_MIN_TOKENS on, where a tile would otherwise
+    hold most adapters. The fused projection is a GEMM first: at decode one or a few token tiles
+    cover the batch (W read once) and narrow d_out tiles fill the SMs, and below SORT_MIN_TOKENS its
+    epilogue gathers B per row (expand_rows: its runs, one program each, would be a chain of
+    dependent loads); at prefill its tiles are the usual GEMM tiles.
 
     TPU: token tiles follow the mean segment length T / adapters over the padded slot-sorted layout;
     the shrink is fused into the projection up to FUSE_SHRINK_MAX_TOKENS (see Tiles).
@@ -146,7 +153,7 @@ def heuristic(key: ShapeKey, backend: str) -> Tiles:
     decode, sort = key.tokens <= 256, key.tokens >= SORT_MIN_TOKENS
     if key.fused:
         block_t = min(64, key.tokens) if decode else 128
-        block_n = 32 if key.tokens <= 32 else 64 if decode else 128
+        block_n = 32 if key.tokens <= 32 else 128 if decode else 256
     else:
         block_t = 16 if not sort or segment <= 16 else 64 if segment <= 256 else 128
         block_n = 128 if decode else 256
@@ -154,11 +161,11 @@ def heuristic(key: ShapeKey, backend: str) -> Tiles:
     runs = min(key.adapters + 1, block_t // segment + 1 if sort else block_t)
     split_runs = runs if decode else 1
     programs = -(-key.tokens // block_t) * split_runs
-    split_k = max(1, min(8, _prev_pow2(max(1, 128 // programs))))
+    split_k = max(1, min(8 if decode else 4, _prev_pow2(max(1, 256 // programs))))
     block_k, num_warps, num_stages = (128, 4, 4 if key.fused else 3) if decode else (64, 8, 3)
     tiles = Tiles(block_t=block_t, block_k=block_k, block_r=min(key.rank, 64), block_n=block_n,
                   split_k=split_k, num_warps=num_warps, num_stages=num_stages, sort=sort,
-                  split_runs=split_runs)
+                  split_runs=split_runs, expand_rows=key.fused and not sort)
     return fit(tiles, key, backend)
 
 

@@ -25,17 +25,17 @@ from pallas_kernels.workload import Workload
 
 GRID = [(32, 16, 4), (32, 16, 32), (256, 16, 32), (256, 64, 32), (4096, 64, 4)]  # (T, rank, adapters)
 QUICK_GRID = [(16, 16, 2), (64, 16, 2)]
-SWITCH = {"pallas_gpu": "sort", "pallas_tpu": "fuse_shrink"}  # the size-dependent choice of each backend
+SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base"), "pallas_tpu": ("fuse_shrink",)}
 KNOBS = {"pallas_gpu": ("block_n", "split_k", "block_t", "split_runs", "num_warps", "num_stages", "block_k"),
          "pallas_tpu": ("block_t", "block_k", "block_n")}
 
 
 def candidates(key: ShapeKey, backend: str, limit: int) -> list[Tiles]:
-    """Up to `limit` distinct fitted tiles: the heuristic's, its twin with the backend's switch
-    flipped (so that even a short list measures where that threshold lies), then one-knob neighbours."""
+    """Up to `limit` distinct fitted tiles: the heuristic's, its twins with each switch flipped (so
+    that even a short list measures where the heuristic's thresholds lie), then one-knob neighbours."""
     first = heuristic(key, backend)
-    found = [first, fit(dataclasses.replace(first, **{SWITCH[backend]: not getattr(first, SWITCH[backend])}),
-                        key, backend)]
+    found = [first] + [fit(dataclasses.replace(first, **{switch: not getattr(first, switch)}), key, backend)
+                       for switch in SWITCHES[backend]]
     for knob in KNOBS[backend]:
         value = getattr(first, knob)
         for other in (value * 2, value // 2) if knob != "num_stages" else (value + 1, value - 1):

@@ -8,11 +8,13 @@ from pallas_kernels import Tiles
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 # Small tiles so that tiny shapes still span several token, d_in, rank and d_out tiles.
-GPU_TILES = Tiles(block_t=16, block_k=64, block_r=16, block_n=128, split_k=2, num_warps=4, num_stages=2)
-# Every GPU kernel variant: natural or slot-sorted token tiles, a tile's runs in one or several programs.
+GPU_TILES = Tiles(block_t=16, block_k=64, block_r=64, block_n=128, split_k=2, num_warps=4, num_stages=2)
+# Every GPU kernel variant: natural or slot-sorted token tiles, a tile's runs in one or several
+# programs (split-K with an empty split), expand per run or per row, the base GEMM in Pallas or XLA.
 GPU_VARIANTS = {
     "natural": GPU_TILES,
     "sorted-split-runs": dataclasses.replace(GPU_TILES, sort=True, split_runs=3, split_k=3),
+    "expand-rows-xla-base": dataclasses.replace(GPU_TILES, expand_rows=True, xla_base=True),
 }
 TPU_TILES = Tiles(block_t=16, block_k=128, block_r=128, block_n=128)
 

@@ -9,20 +9,29 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from tests.pallas_kernels.cases import CASES, GPU_TILES, TOLERANCE, TPU_TILES
+from tests.pallas_kernels.cases import CASES, GPU_VARIANTS, TOLERANCE, TPU_TILES
 from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
 
-BACKEND_TILES = {"reference": None, "pallas_gpu": GPU_TILES, "pallas_tpu": TPU_TILES}
 LORA_ARGS = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
+VARIANTS = [  # (backend, tiles, id): the reference, every GPU variant, the TPU kernels
+    ("reference", None, "reference"),
+    *(("pallas_gpu", tiles, f"gpu-{name}") for name, tiles in GPU_VARIANTS.items()),
+    ("pallas_tpu", TPU_TILES, "tpu"),
+]
+PROJECTION_VARIANTS = VARIANTS + [("pallas_tpu", dataclasses.replace(TPU_TILES, fuse_shrink=True), "tpu-fuse-shrink")]
+
+
+def _variants(variants):
+    return pytest.mark.parametrize("backend, tiles", [v[:2] for v in variants], ids=[v[2] for v in variants])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("backend", BACKEND_TILES)
+@_variants(VARIANTS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_batched_lora_matches_float64_reference(case, backend, dtype):
+def test_batched_lora_matches_float64_reference(case, backend, tiles, dtype):
     data = case.arrays(dtype)
     out = pk.batched_lora(*(data[k] for k in LORA_ARGS), base_out=data["base_out"], backend=backend,
-                          interpret=True, tiles=BACKEND_TILES[backend])
+                          interpret=True, tiles=tiles)
     expected = lora_delta_f64(*(data[k] for k in LORA_ARGS))
     if data["base_out"] is not None:
         expected += as_f64(data["base_out"])
@@ -35,11 +44,7 @@ def test_batched_lora_matches_float64_reference(case, backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("backend, tiles", [
-    ("reference", None),
-    *((backend, dataclasses.replace(tiles, fuse_shrink=fuse))
-      for backend, tiles in BACKEND_TILES.items() if tiles for fuse in (False, True)),
-], ids=lambda v: f"fuse_shrink={v.fuse_shrink}" if isinstance(v, pk.Tiles) else None)
+@_variants(PROJECTION_VARIANTS)
 @pytest.mark.parametrize("case", [c for c in CASES if c.name != "no-adapter"], ids=lambda c: c.name)
 def test_lora_projection_matches_float64_reference(case, backend, tiles, dtype):
     data = case.arrays(dtype, seed=1)

@@ -23,6 +23,7 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
         assert 1 <= tiles.split_k <= math.ceil(key.d_in / tiles.block_k)
         assert tiles.num_warps & (tiles.num_warps - 1) == 0 and tiles.num_stages >= 1
         assert 1 <= tiles.split_runs <= tiles.block_t and not tiles.fuse_shrink
+        assert key.fused or not tiles.xla_base
     else:
         assert tiles.block_t % 8 == 0
         for block, dim in ((tiles.block_k, key.d_in), (tiles.block_r, key.rank), (tiles.block_n, key.d_out)):
@@ -83,17 +84,20 @@ def test_missing_table_or_other_backend_falls_back_to_heuristic(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
 def test_heuristic_switches_by_token_bucket(key, backend):
-    """GPU sorts tokens by slot from 128 tokens on; TPU fuses the shrink up to 256 tokens."""
+    """GPU sorts tokens by slot from 128 tokens on, and below that the fused projection gathers B per
+    row; TPU fuses the shrink up to 256 tokens."""
     tiles = heuristic(key, backend)
     if backend == "pallas_gpu":
         assert tiles.sort == (key.tokens >= 128) and not tiles.fuse_shrink
+        assert tiles.expand_rows == (key.fused and not tiles.sort)
     else:
-        assert tiles.fuse_shrink == (key.tokens <= 256) and not tiles.sort and tiles.split_runs == 1
+        assert tiles.fuse_shrink == (key.tokens <= 256) and tiles.split_runs == 1
+        assert not (tiles.sort or tiles.expand_rows or tiles.xla_base)
 
 
 @given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
 def test_tune_candidates_flip_the_size_dependent_switch(key, backend):
-    switch = tune.SWITCH[backend]
+    switch = tune.SWITCHES[backend][0]
     pair = tune.candidates(key, backend, limit=2)
     assert pair[0] == heuristic(key, backend)
     assert pair[1] == dataclasses.replace(pair[0], **{switch: not getattr(pair[0], switch)})
