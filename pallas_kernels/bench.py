@@ -5,7 +5,8 @@
 Per anchor shape of BENCHMARKS.md: the byte floor from a copy bandwidth measured in the same run, the
 kernel's time and its multiple of the floor, the stock-JAX formulations as multiples of the floor,
 and fused (base + delta) / base; also the time of a one-kernel call, the floor of any timed call.
-Every time comes from many calls inside one jitted loop (`timing.py`). Prints a Markdown table and writes bench.md and bench.json to --out.
+Every time comes from many calls inside one jitted loop (`timing.py`). Prints a Markdown table and
+writes bench.md and bench.json to --out.
 `--quick --interpret` shrinks every shape so the script runs on CPU; its times there mean nothing.
 """
 from __future__ import annotations
