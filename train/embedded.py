@@ -15,10 +15,14 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from train.scenes import SHAPES, Box, random_placements, render_scene
+from train.scenes import SHAPES, Box, cell_placements, centred_placement, random_placements, render_scene
 from train.tasks import Example, Task
 
-BOX_GRID = 16  # location answers are box edges on a BOX_GRID x BOX_GRID grid: words 0..16
+BOX_GRID = 8  # location answers are box edges on a BOX_GRID x BOX_GRID grid: words 0..8
+LOCATION_SIDE = (0.3, 0.6)  # object side, as a fraction of the image: 2.4 to 4.8 grid cells
+SHAPE_SIDE = (0.5, 0.8)  # one large object near the centre: its outline, not its position, is what varies
+SHAPE_JITTER = 0.3  # the object's centre moves by up to this fraction of its margin to the image edge
+COUNT_CELLS = 4  # count scenes: at most one object per cell of a COUNT_CELLS x COUNT_CELLS layout
 MAX_COUNT = 5
 COUNT_LABELS = tuple(str(n) for n in range(1, MAX_COUNT + 1))
 COLOUR_TASK_COLOURS = ("red", "green", "blue", "yellow", "cyan", "magenta")
@@ -49,7 +53,7 @@ def box_to_grid(box: Box, image_size: int, grid: int = BOX_GRID) -> Box:
 
 def _make_shape(rng: np.random.Generator, size: int) -> Example:
     label = int(rng.integers(len(SHAPES)))
-    (placement,) = random_placements(rng, count=1, size=size, side_fraction=(0.35, 0.65))
+    placement = centred_placement(rng, size=size, side_fraction=SHAPE_SIDE, jitter=SHAPE_JITTER)
     scene = render_scene([dataclasses.replace(placement, shape=SHAPES[label])], rng, size=size)
     return Example(scene.image, SHAPES[label], label)
 
@@ -70,12 +74,13 @@ def _make_colour(rng: np.random.Generator, size: int) -> Example:
 
 def _make_count(rng: np.random.Generator, size: int) -> Example:
     count = int(rng.integers(1, MAX_COUNT + 1))
-    scene = render_scene(random_placements(rng, count=count, size=size, side_fraction=(0.12, 0.22)), rng, size=size)
+    placements = cell_placements(rng, count=count, size=size, cells=COUNT_CELLS, side_fraction=(0.65, 0.875))
+    scene = render_scene(placements, rng, size=size)
     return Example(scene.image, str(scene.count), scene.count - 1)
 
 
 def _make_location(rng: np.random.Generator, size: int) -> Example:
-    scene = render_scene(random_placements(rng, count=1, size=size, side_fraction=(0.2, 0.5)), rng, size=size)
+    scene = render_scene(random_placements(rng, count=1, size=size, side_fraction=LOCATION_SIDE), rng, size=size)
     return Example(scene.image, " ".join(str(v) for v in box_to_grid(scene.objects[0].box, size)))
 
 

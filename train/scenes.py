@@ -174,3 +174,54 @@ def random_placements(
 
 def _apart(a: Box, b: Box, gap: int) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def cell_placements(
+    rng: np.random.Generator,
+    *,
+    count: int,
+    size: int = 64,
+    cells: int = 3,
+    side_fraction: tuple[float, float] = (0.6, 0.875),
+    margin: int = 1,
+    shapes: Sequence[str] = SHAPES,
+    colours: Sequence[str] = tuple(PALETTE),
+) -> list[Placement]:
+    """`count` square boxes in distinct cells of a `cells` x `cells` layout, each at a random spot inside its
+    cell, with sides drawn from `side_fraction` of the cell's side.
+
+    One object per cell, at least `margin` pixels from the cell's edges, keeps objects apart by
+    construction, so a count is never ambiguous.
+    """
+    if count > cells * cells:
+        raise ValueError(f"{count} objects do not fit one per cell of a {cells}x{cells} layout")
+    cell = size // cells
+    low, high = (max(3, round(f * cell)) for f in side_fraction)
+    if high > cell - 2 * margin:
+        raise ValueError(f"objects of side up to {high} do not fit cells of {cell} pixels with margin {margin}")
+    placements = []
+    for index in rng.choice(cells * cells, size=count, replace=False):
+        side = int(rng.integers(low, high + 1))
+        row, col = divmod(int(index), cells)
+        x0, y0 = (origin * cell + int(rng.integers(margin, cell - side - margin + 1)) for origin in (col, row))
+        placements.append(Placement(str(rng.choice(shapes)), str(rng.choice(colours)), (x0, y0, x0 + side, y0 + side)))
+    return placements
+
+
+def centred_placement(
+    rng: np.random.Generator,
+    *,
+    size: int = 64,
+    side_fraction: tuple[float, float] = (0.5, 0.8),
+    jitter: float = 0.3,
+    shapes: Sequence[str] = SHAPES,
+    colours: Sequence[str] = tuple(PALETTE),
+) -> Placement:
+    """One square box near the centre: its side drawn from `side_fraction` of the image size, its centre
+    moved by up to `jitter` times its margin to the image edge along each axis."""
+    low, high = (max(3, round(f * size)) for f in side_fraction)
+    side = int(rng.integers(low, high + 1))
+    centred = (size - side) / 2
+    reach = int(jitter * centred)
+    x0, y0 = (round(centred) + int(rng.integers(-reach, reach + 1)) for _ in range(2))
+    return Placement(str(rng.choice(shapes)), str(rng.choice(colours)), (x0, y0, x0 + side, y0 + side))

@@ -5,7 +5,8 @@ import pytest
 from scipy import ndimage
 
 from train.embedded import (
-    BOX_GRID, COLOUR_TASK_COLOURS, EMBEDDED, MAX_COUNT, box_to_grid, embedded_suite, embedded_task,
+    BOX_GRID, COLOUR_TASK_COLOURS, COUNT_CELLS, EMBEDDED, MAX_COUNT, SHAPE_JITTER, SHAPE_SIDE, box_to_grid,
+    embedded_suite, embedded_task,
 )
 from train.metrics import parse_box
 from train.scenes import PALETTE, SHAPES
@@ -117,3 +118,26 @@ def test_overrides_and_unknown_kind():
     with pytest.raises(ValueError, match="unknown embedded task"):
         embedded_task("weather")
     assert set(EMBEDDED) == {"shape", "colour", "count", "location", "digits"}
+
+
+def test_shape_objects_are_large_and_near_the_centre(suite):
+    for example in suite["shape"].train:
+        rows, cols = np.nonzero(object_pixels(example.image))
+        side = max(cols.max() - cols.min(), rows.max() - rows.min()) + 1
+        assert SHAPE_SIDE[0] * SIZE - 2 <= side <= SHAPE_SIDE[1] * SIZE + 1
+        margin = (SIZE - side) / 2
+        for low, high in ((cols.min(), cols.max()), (rows.min(), rows.max())):
+            # triangles and crosses fill their box's extremes, so the extent's midpoint is the box centre
+            assert abs((low + high + 1) / 2 - SIZE / 2) <= SHAPE_JITTER * margin + 1.5
+
+
+def test_count_objects_sit_one_per_layout_cell(suite):
+    cell = SIZE // COUNT_CELLS
+    for example in suite["count"].train:
+        labelled, n = ndimage.label(object_pixels(example.image))
+        cells = set()
+        for index in range(1, n + 1):
+            rows, cols = np.nonzero(labelled == index)
+            assert rows.min() // cell == rows.max() // cell and cols.min() // cell == cols.max() // cell
+            cells.add((rows.min() // cell, cols.min() // cell))
+        assert len(cells) == n

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from train.scenes import PALETTE, Placement, random_placements, render_scene, shape_mask
+from train.scenes import (
+    PALETTE, Placement, cell_placements, centred_placement, random_placements, render_scene, shape_mask,
+)
 
 BOX = (10, 10, 40, 40)  # a 30 x 30 box
 
@@ -72,3 +74,32 @@ def test_random_placements_keep_the_gap_and_stay_inside():
 def test_impossible_placement_is_an_error():
     with pytest.raises(ValueError, match="could not place"):
         random_placements(np.random.default_rng(0), count=5, size=16, side_fraction=(0.9, 0.9), max_tries=50)
+
+
+def test_cell_placements_put_each_object_inside_its_own_cell():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        boxes = [p.box for p in cell_placements(rng, count=5, size=64, cells=4, side_fraction=(0.6, 0.8))]
+        cells = [(b[0] // 16, b[1] // 16) for b in boxes]
+        assert len(set(cells)) == 5
+        for (x0, y0, x1, y1), (col, row) in zip(boxes, cells):
+            assert 10 <= x1 - x0 == y1 - y0 <= 13  # 0.6 and 0.8 of a 16-pixel cell, rounded
+            assert x0 % 16 >= 1 and y0 % 16 >= 1  # a margin of 1 pixel inside the cell
+            assert x1 // 16 == col and y1 // 16 == row  # and 1 pixel before the next cell
+
+
+def test_cell_placements_reject_what_cannot_fit():
+    with pytest.raises(ValueError, match="one per cell"):
+        cell_placements(np.random.default_rng(0), count=10, cells=3)
+    with pytest.raises(ValueError, match="do not fit cells"):
+        cell_placements(np.random.default_rng(0), count=1, size=64, cells=4, side_fraction=(1.0, 1.0))
+
+
+def test_centred_placement_stays_within_its_jitter():
+    rng = np.random.default_rng(5)
+    offsets = set()
+    for _ in range(200):
+        x0, y0, x1, y1 = centred_placement(rng, size=64, side_fraction=(0.5, 0.5), jitter=0.25).box
+        assert x1 - x0 == y1 - y0 == 32
+        offsets |= {x0 - 16, y0 - 16}
+    assert offsets == set(range(-4, 5))  # margin 16, a quarter of it each way
