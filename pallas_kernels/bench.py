@@ -5,8 +5,9 @@
 Per anchor shape of BENCHMARKS.md: the byte floor from a copy bandwidth measured in the same run, the
 kernel's time and its multiple of the floor, the stock-JAX formulations as multiples of the floor,
 and fused (base + delta) / base; also the time of a one-kernel call, the floor of any timed call.
-Every time comes from many calls inside one jitted loop (`timing.py`). Prints a Markdown table and
-writes bench.md and bench.json to --out.
+Every time, every column alike, comes from many calls inside one jitted loop captured as a CUDA
+graph (`timing.py`; --no-graphs launches each kernel from the host instead). Prints a Markdown table
+and writes bench.md and bench.json to --out.
 `--quick --interpret` shrinks every shape so the script runs on CPU; its times there mean nothing.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 from tqdm import tqdm
 
 from pallas_kernels import api, baselines, timing
@@ -48,7 +48,8 @@ def _measure(name: str, workload: Workload, bandwidth: float, args) -> dict:
     copies = timing.copies_past_cache(workload.copy_bytes(), max_copies=1 if args.quick else 8)
     data = [workload.arrays(seed) for seed in range(copies)]
     time = lambda fn, keys: 1e6 * timing.seconds_per_call(  # noqa: E731
-        fn, [tuple(d[k] for k in keys) for d in data], calls=args.calls, repeats=args.repeats)
+        fn, [tuple(d[k] for k in keys) for d in data], calls=args.calls, repeats=args.repeats,
+        per_iteration=args.per_iteration)
     lora_keys = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
     kw = dict(backend=args.backend, interpret=args.interpret)
     distinct = workload.distinct_adapters(data[0])
@@ -81,26 +82,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", default="auto", choices=api.BACKENDS)
     parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
-    parser.add_argument("--calls", type=int, default=None, help="calls per timed loop")
+    parser.add_argument("--calls", type=int, default=None, help="iterations per timed loop")
+    parser.add_argument("--per-iteration", type=int, default=timing.PER_ITERATION, help="calls per iteration")
+    parser.add_argument("--no-graphs", action="store_true", help="launch kernels from the host (no CUDA graph)")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
-    args.calls = args.calls or (2 if args.quick else 200)
+    args.calls = args.calls or (2 if args.quick else 50)
     args.repeats = args.repeats or (1 if args.quick else 5)
+    if not args.no_graphs:
+        timing.use_cuda_graphs()
+    timed = dict(calls=args.calls, repeats=args.repeats, per_iteration=args.per_iteration)
 
     copy_bytes = 2**23 if args.quick else 2**30
-    bandwidth = timing.copy_bandwidth(copy_bytes, calls=args.calls, repeats=args.repeats)
-    # The floor of any timed call: one tiny elementwise kernel, three input copies as at decode.
-    tiny = [(jnp.full((8, 128), float(i)),) for i in range(3)]
-    call_us = 1e6 * timing.seconds_per_call(lambda a: a + 1.0, tiny, calls=args.calls, repeats=args.repeats)
+    bandwidth = timing.copy_bandwidth(copy_bytes, **timed)
+    call_us = 1e6 * timing.one_kernel_seconds(**timed)
     workloads = _workloads(args)
     rows = [_measure(name, w, bandwidth, args)
             for name, w in tqdm(workloads.items(), desc="bench", unit="shape")]
     result = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
               "backend": api.resolve_backend(args.backend), "interpret": args.interpret,
-              "copy_bandwidth_GBps": bandwidth / 1e9, "tiny_call_us": call_us, "rows": rows}
+              "copy_bandwidth_GBps": bandwidth / 1e9, "tiny_call_us": call_us, "cuda_graphs": not args.no_graphs,
+              "calls_per_iteration": args.per_iteration, "rows": rows}
     table = markdown(rows)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {result['device_kind']} ({result['backend']}); "
-          f"a one-kernel call times {call_us:.2f} us here (the timing floor)")
+          f"a one-kernel call times {call_us:.2f} us here (the timing floor; "
+          f"{'no ' if args.no_graphs else ''}CUDA graphs, {args.per_iteration} calls per iteration)")
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(table + "\n")

@@ -15,8 +15,9 @@ decode tiles hold many runs and are too few to fill the GPU on their own.
   in float32, split-K partials indexed by token.
 - expand: grid (tiles, run groups, d_out tiles). y[t] = base[t] + (sum_s xa[s, t]) @ B[slot_t, :rank],
   each token written once (tokens without adapter get base, or zeros).
-- projection: grid (tiles, d_out tiles). y = x @ W with the expand as its epilogue, so W is read once
-  per token tile and y written once; the shrink kernel runs first.
+- projection: grid (tiles, d_out tiles), natural-order tiles whatever tiles.sort says. y = x @ W
+  with x and W loaded as contiguous blocks and the expand as its epilogue, so W is read once per
+  token tile and y written once; the shrink kernel (sorted or not) runs first.
 
 With tiles.expand_rows the expand (of the delta and of the projection's epilogue) skips the runs and
 lets every row gather its own adapter's B instead (`_expand_rows`): for decode, where the runs of a
@@ -217,23 +218,39 @@ def _expand_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool):
     plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype), mask=mask)
 
 
-def _projection_kernel(*refs, tiles: Tiles, num_slots: int):
-    order_ref, (slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref) = _split_refs(refs, tiles.sort)
+def _edge_mask(rows_ok, cols_ok):
+    """The mask of a 2-D block from its optional row and column masks (None: that axis is whole)."""
+    if rows_ok is None or cols_ok is None:
+        return None if rows_ok is None and cols_ok is None else (
+            rows_ok[:, None] if cols_ok is None else cols_ok[None, :])
+    return rows_ok[:, None] & cols_ok[None, :]
+
+
+def _projection_kernel(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, *, tiles: Tiles,
+                       num_slots: int, d_in: int):
+    """One (token tile, d_out tile) of x @ W plus the expand, x and W as contiguous blocks.
+
+    The K loop is a plain GEMM over natural-order token tiles (masks only on axes whose size the
+    tile does not divide), so its loads vectorize and pipeline as in a dense Pallas GEMM; the
+    adapters only enter in the epilogue, through gathers of xa and B by token and slot.
+    """
     tile, n_block = pl.program_id(0), pl.program_id(1)
     bt, bk, bn = tiles.block_t, tiles.block_k, tiles.block_n
-    d_in, d_out = w_ref.shape
-    rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
+    num_tokens, d_out = slot_ref.shape[0], b_ref.shape[2]  # x, W and out are refs to blocks
+    rows, valid, keys = _tile(None, slot_ref, tile, bt, num_slots)
     n_idx = n_block * bn + jnp.arange(bn)
     n_ok = n_idx < d_out
+    rows_edge = valid if num_tokens % bt else None
+    cols_edge = n_ok if d_out % bn else None
 
     def k_step(k_block, acc):
-        k_idx = k_block * bk + jnp.arange(bk)
-        k_ok = k_idx < d_in
-        x = _load(x_ref, rows[:, None], k_idx[None, :], mask=valid[:, None] & k_ok[None, :])
-        w = _load(w_ref, k_idx[:, None], n_idx[None, :], mask=k_ok[:, None] & n_ok[None, :])
+        k_ok = (k_block * bk + jnp.arange(bk) < d_in) if d_in % bk else None
+        x_mask, w_mask = _edge_mask(rows_edge, k_ok), _edge_mask(k_ok, cols_edge)
+        x = plgpu.load(x_ref.at[:, pl.ds(k_block * bk, bk)], mask=x_mask, other=None if x_mask is None else 0)
+        w = plgpu.load(w_ref.at[pl.ds(k_block * bk, bk), :], mask=w_mask, other=None if w_mask is None else 0)
         return acc + _dot(x, w)
 
-    acc = lax.fori_loop(0, math.ceil(d_in / bk), k_step, jnp.zeros((bt, bn), jnp.float32))
+    acc = lax.fori_loop(0, pl.cdiv(d_in, bk), k_step, jnp.zeros((bt, bn), jnp.float32))
     refs = dict(rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, xa_ref=xa_ref, b_ref=b_ref,
                 num_slots=num_slots)
     if tiles.expand_rows:
@@ -242,14 +259,13 @@ def _projection_kernel(*refs, tiles: Tiles, num_slots: int):
         acc = _for_each_run(keys, num_slots,
                             lambda key, in_run, acc: _expand_run(acc, key, in_run, block_r=tiles.block_r, **refs),
                             acc)
-    plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype),
-                mask=valid[:, None] & n_ok[None, :])
+    plgpu.store(out_ref, acc.astype(out_ref.dtype), mask=_edge_mask(rows_edge, cols_edge))
 
 
-def _call(kernel, grid, out_shape, tiles: Tiles, interpret: bool, name: str, *operands, num_warps=None):
+def _call(kernel, grid, out_shape, tiles: Tiles, interpret: bool, name: str, *operands, num_warps=None, **specs):
     params = plgpu.CompilerParams(num_warps=num_warps or tiles.num_warps, num_stages=tiles.num_stages)
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, compiler_params=params,
-                          interpret=interpret, name=name)(*operands)
+                          interpret=interpret, name=name, **specs)(*operands)
 
 
 def _order(slot_ids, num_slots: int, tiles: Tiles, interpret: bool) -> list:
@@ -292,17 +308,25 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Ti
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
     """x @ W + every token's LoRA delta: [sort,] shrink, then one GEMM with the expand as epilogue.
 
-    With tiles.xla_base the base GEMM is XLA's (cuBLAS) instead and the delta's expand adds to it (y
-    written twice): the fallback where this Pallas GEMM is slower than cuBLAS at a shape.
+    The GEMM walks token tiles in natural order whatever tiles.sort says (sort orders the shrink
+    only, which writes xa by token): x and W then load as contiguous blocks, and W is read once per
+    token tile. With tiles.xla_base the base GEMM is XLA's (cuBLAS) instead and the delta's expand
+    adds to it (y written twice): the fallback where this Pallas GEMM is slower than cuBLAS.
     """
     if tiles.xla_base:
         base = _dot(x, w).astype(x.dtype)
         return batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base, tiles, interpret)
     num_slots, _, d_out = b_pool.shape
-    num_tokens = x.shape[0]
-    order = _order(slot_ids, num_slots, tiles, interpret)
-    xa = _shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)
-    grid = (pl.cdiv(num_tokens, tiles.block_t), pl.cdiv(d_out, tiles.block_n))
-    return _call(functools.partial(_projection_kernel, tiles=tiles, num_slots=num_slots), grid,
+    num_tokens, d_in = x.shape
+    bt, bn = tiles.block_t, tiles.block_n
+    k_span = pl.cdiv(d_in, tiles.block_k) * tiles.block_k  # the K loop's last block may pass d_in
+    xa = _shrink(_order(slot_ids, num_slots, tiles, interpret), x, a_pool, slot_ids, ranks, scales, tiles,
+                 interpret)
+    whole = pl.BlockSpec()
+    specs = dict(in_specs=[whole, whole, whole, pl.BlockSpec((bt, k_span), lambda i, j: (i, 0)),
+                           pl.BlockSpec((k_span, bn), lambda i, j: (0, j)), whole],
+                 out_specs=pl.BlockSpec((bt, bn), lambda i, j: (i, j)))
+    grid = (pl.cdiv(num_tokens, bt), pl.cdiv(d_out, bn))
+    return _call(functools.partial(_projection_kernel, tiles=tiles, num_slots=num_slots, d_in=d_in), grid,
                  jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype), tiles, interpret, "atmm_projection",
-                 *order, slot_ids, ranks, xa, x, w, b_pool)
+                 slot_ids, ranks, xa, x, w, b_pool, **specs)

@@ -33,7 +33,8 @@ class Tiles:
     than in natural order: fewer adapters per tile, one more launch); split_runs (programs sharing
     the adapter runs of one token tile); expand_rows (expand by per-row gathers of B instead of one
     dot per adapter run); xla_base (lora_projection only: base GEMM by XLA, delta added by the
-    expand, instead of the Pallas GEMM with the expand as epilogue). See gpu.py.
+    expand, instead of the Pallas GEMM with the expand as epilogue). lora_projection's GEMM always
+    walks natural-order tiles; sort there orders its shrink only. See gpu.py.
 
     TPU only: fuse_shrink (lora_projection only): compute x @ A inside the projection kernel's d_in
     loop, next to x @ W, instead of in a separate shrink kernel. x is then read once and one kernel
@@ -136,10 +137,11 @@ def heuristic(key: ShapeKey, backend: str) -> Tiles:
     so every kernel is spread wide: the delta's token tiles are small, each tile's adapter runs get
     programs of their own (split_runs = the expected runs per tile) and split-K brings the shrink to
     about 256 programs. Tokens are slot-sorted from SORT_MIN_TOKENS on, where a tile would otherwise
-    hold most adapters. The fused projection is a GEMM first: at decode one or a few token tiles
-    cover the batch (W read once) and narrow d_out tiles fill the SMs, and below SORT_MIN_TOKENS its
-    epilogue gathers B per row (expand_rows: its runs, one program each, would be a chain of
-    dependent loads); at prefill its tiles are the usual GEMM tiles.
+    hold most adapters. The fused projection is a GEMM first, over natural-order token tiles: at
+    decode one or a few token tiles cover the batch (W read once), narrow d_out tiles fill the SMs,
+    and the epilogue gathers B per row (expand_rows: a decode tile holds many adapters, whose runs
+    would be a chain of dependent loads); at prefill its tiles are the usual GEMM tiles and a tile
+    holds a few runs (requests are token ranges), each one tensor-core dot.
 
     TPU: token tiles follow the mean segment length T / adapters over the padded slot-sorted layout;
     the shrink is fused into the projection up to FUSE_SHRINK_MAX_TOKENS (see Tiles).
@@ -165,7 +167,7 @@ def heuristic(key: ShapeKey, backend: str) -> Tiles:
     block_k, num_warps, num_stages = (128, 4, 4 if key.fused else 3) if decode else (64, 8, 3)
     tiles = Tiles(block_t=block_t, block_k=block_k, block_r=min(key.rank, 64), block_n=block_n,
                   split_k=split_k, num_warps=num_warps, num_stages=num_stages, sort=sort,
-                  split_runs=split_runs, expand_rows=key.fused and not sort)
+                  split_runs=split_runs, expand_rows=key.fused and decode)
     return fit(tiles, key, backend)
 
 

@@ -5,8 +5,9 @@
 For each workload of the grid (the anchor shapes of BENCHMARKS.md) and each operation (the delta,
 batched_lora, and the fused projection, lora_projection: separate keys, since a GEMM wants other
 tiles), the heuristic's tiles and their one-step neighbours (each knob doubled or halved, each switch
-flipped; fitted and deduplicated) are timed inside one jitted loop each (`timing.py`); the fastest
-wins. Candidates that fail to compile or launch (shared memory, registers) are skipped. The table
+flipped; fitted and deduplicated) are timed as the benchmark times them, inside one jitted loop each,
+captured as a CUDA graph (`timing.py`); the fastest wins. Candidates that fail to compile or launch
+(shared memory, registers) are skipped. The table
 records the device kind and jax version. `--quick --interpret` runs a tiny grid in Pallas interpret
 mode so the tool itself can be exercised on CPU; its timings there mean nothing.
 """
@@ -55,7 +56,8 @@ def _time_tiles(data: list[dict], key: ShapeKey, tiles: Tiles, backend: str, arg
         fn, keys = (lambda *a: api.lora_projection(*a, **kw)), ("x", "w", *lora_keys[1:])
     else:
         fn, keys = (lambda *a: api.batched_lora(*a, **kw)), lora_keys
-    return timing.seconds_per_call(fn, [tuple(d[k] for k in keys) for d in data], calls=args.calls)
+    return timing.seconds_per_call(fn, [tuple(d[k] for k in keys) for d in data], calls=args.calls,
+                                   per_iteration=args.per_iteration)
 
 
 def main(argv: list[str] | None = None) -> TileTable:
@@ -66,12 +68,16 @@ def main(argv: list[str] | None = None) -> TileTable:
     parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode")
     parser.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke run)")
     parser.add_argument("--max-candidates", type=int, default=None)
-    parser.add_argument("--calls", type=int, default=None, help="calls per timed loop")
+    parser.add_argument("--calls", type=int, default=None, help="iterations per timed loop")
+    parser.add_argument("--per-iteration", type=int, default=timing.PER_ITERATION, help="calls per iteration")
+    parser.add_argument("--no-graphs", action="store_true", help="launch kernels from the host (no CUDA graph)")
     args = parser.parse_args(argv)
+    if not args.no_graphs:
+        timing.use_cuda_graphs()
     backend = args.backend or api.resolve_backend("auto")
     if backend == "reference":
         parser.error("no GPU or TPU here: pass --backend pallas_gpu/pallas_tpu with --interpret")
-    args.calls = args.calls or (1 if args.quick else 100)
+    args.calls = args.calls or (1 if args.quick else 25)
     limit = args.max_candidates or (2 if args.quick else 8)
 
     table = TileTable(jax.devices()[0].device_kind, backend, jax.__version__)
