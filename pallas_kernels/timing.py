@@ -90,7 +90,8 @@ def one_kernel_seconds(*, calls: int, repeats: int = 3, per_iteration: int = PER
 def copy_bandwidth(num_bytes: int, *, calls: int, repeats: int = 3, per_iteration: int = PER_ITERATION) -> float:
     """Bytes/s of an elementwise copy (read + write) of a `num_bytes` buffer, measured like kernels."""
     buffer = jnp.zeros((num_bytes // 4,), jnp.float32)
-    seconds = seconds_per_call(lambda a: a + 1.0, [(buffer,)], calls=calls, repeats=repeats, per_iteration=per_iteration)
+    seconds = seconds_per_call(lambda a: a + 1.0, [(buffer,)], calls=calls, repeats=repeats,
+                               per_iteration=per_iteration)
     return 2 * buffer.nbytes / seconds
 
 
