@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from train.embedded import (
-    BOX_GRID, COLOUR_TASK_COLOURS, COUNT_CELLS, EMBEDDED, MAX_COUNT, SHAPE_JITTER, SHAPE_SIDE, box_to_grid,
+    BOX_GRID, COLOUR_TASK_COLOURS, COUNT_CELLS, DOMINANCE_MARGIN, EMBEDDED, MAX_COUNT, SHAPE_JITTER, SHAPE_SIDE, box_to_grid,
     embedded_suite, embedded_task,
 )
 from train.metrics import parse_box
@@ -77,12 +77,14 @@ def test_location_answers_are_the_pixel_box_on_the_grid(suite):
         assert all(0 <= v <= BOX_GRID for v in expected)
 
 
-def test_colour_answer_is_the_majority_colour_of_object_pixels(suite):
+def test_colour_answer_dominates_the_object_pixels_by_the_margin(suite):
     palette = np.array([PALETTE[c] for c in COLOUR_TASK_COLOURS], dtype=float)
     for example in suite["colour"].train:
         pixels = example.image[object_pixels(example.image)].astype(float)
         nearest = np.argmin(((pixels[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+        areas = np.sort(np.bincount(nearest, minlength=len(palette)))[::-1]
         assert COLOUR_TASK_COLOURS[np.bincount(nearest).argmax()] == example.answer
+        assert areas[0] >= DOMINANCE_MARGIN * areas[1]
 
 
 def test_digits_are_sklearn_images_without_train_val_overlap(suite):
