@@ -48,11 +48,15 @@ def assert_nothing_attached(model):
     assert list(adapter_sites(model)) == [] and getattr(model, "adapter_config", None) is None
 
 
+def edit_config(directory, **fields):
+    """Overwrite fields of a saved adapter_config.json, as a hand-edited or mismatched file would."""
+    path = directory / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
 def test_shape_mismatch_names_the_tensor(tmp_path):
     saved("lora", tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["r"] = 5  # every module without an override now expects rank 5
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    edit_config(tmp_path, r=5)  # every module without an override now expects rank 5
     model = small_model()
     with pytest.raises(ValueError, match=r"lora_A\.weight' has shape \(4, "):
         load_adapter(model, tmp_path)
@@ -74,9 +78,7 @@ def test_other_model_shapes_name_the_tensor(tmp_path):
     saved("serial_lora", tmp_path)
     other = small_model(num_key_value_heads=2)  # same shapes for serial LoRA: it loads
     load_adapter(other, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["rank"] = 2
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    edit_config(tmp_path, rank=2)
     model = small_model()
     with pytest.raises(ValueError, match=r"qkv_input_adapter\.A' has shape \(32, 3\), the model expects \(32, 2\)"):
         load_adapter(model, tmp_path)
@@ -85,9 +87,7 @@ def test_other_model_shapes_name_the_tensor(tmp_path):
 
 def test_kind_mismatch_names_the_tensor(tmp_path):
     saved("snella", tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["kind"] = "lora"
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    edit_config(tmp_path, kind="lora")
     model = small_model()
     with pytest.raises(ValueError, match=r"tensor 'language_model\.layers\.0\.mlp\.up_proj\.adapter\.B' has shape \(64, 4\), the model expects \(4, 64\)"):
         load_adapter(model, tmp_path)
