@@ -67,7 +67,9 @@ def run(args) -> list[dict]:
     progress(f"creating random {args.preset} weights ({args.dtype}) on {jax.devices()[0].device_kind}")
     model = random_model(args.preset, dtype, args.seed)
     cfg = model.config
-    bandwidth = copy_bandwidth(args.copy_bytes, calls=20, repeats=args.repeats)
+    # One copy per loop iteration: a 1 GiB copy dwarfs any per-iteration cost, and each extra call
+    # per iteration would keep another buffer of that size alive in the loop carry.
+    bandwidth = copy_bandwidth(args.copy_bytes, calls=20, repeats=args.repeats, per_iteration=1)
     rows = []
     rng = np.random.default_rng(args.seed)
 
