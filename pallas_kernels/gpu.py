@@ -15,6 +15,9 @@ decode tiles hold many runs and are too few to fill the GPU on their own.
   in float32, split-K partials indexed by token.
 - expand: grid (tiles, run groups, d_out tiles). y[t] = base[t] + (sum_s xa[s, t]) @ B[slot_t, :rank],
   each token written once (tokens without adapter get base, or zeros).
+- delta (tiles.fuse_shrink): the expand with no shrink kernel before it; each program takes one run
+  of its tile and computes that run's scaled x @ A over all of d_in itself (every d_out tile again,
+  A re-read from L2), so a decode delta is one launch (two with sort) and xa never goes through HBM.
 - projection: grid (tiles, d_out tiles), natural-order tiles whatever tiles.sort says. y = x @ W
   with x and W loaded as contiguous blocks and the expand as its epilogue, so W is read once per
   token tile and y written once; the shrink kernel (sorted or not) runs first.
@@ -49,8 +52,25 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _load(ref, *index, mask, other=0):
-    """Masked gather; index vectors broadcast against each other."""
-    return plgpu.load(ref.at[index], mask=mask, other=other)
+    """Gather, masked unless mask is None; index vectors broadcast against each other."""
+    return plgpu.load(ref.at[index], mask=mask, other=None if mask is None else other)
+
+
+def _tail(idx: jax.Array, size: int):
+    """idx < size for a block along an axis of `size`, or None where the block size divides it.
+
+    Masks go only where a block can pass the end: a mask that varies along the contiguous axis stops
+    Triton from vectorizing the access (one element per instruction).
+    """
+    return idx < size if size % idx.shape[0] else None
+
+
+def _edge_mask(rows_ok, cols_ok):
+    """The mask of a 2-D block from its optional row and column masks (None: that axis is whole)."""
+    if rows_ok is None or cols_ok is None:
+        return None if rows_ok is None and cols_ok is None else (
+            rows_ok[:, None] if cols_ok is None else cols_ok[None, :])
+    return rows_ok[:, None] & cols_ok[None, :]
 
 
 def _keys(slot_ref, rows: jax.Array, valid: jax.Array, num_slots: int) -> jax.Array:
@@ -70,21 +90,28 @@ def _tile(order_ref, slot_ref, tile, block_t: int, num_slots: int):
     return rows, valid, _keys(slot_ref, rows, valid, num_slots)
 
 
+def _next_key(keys: jax.Array, prev, stop_key: int):
+    """The tile's smallest key above prev, stop_key if none is below stop_key."""
+    return jnp.min(jnp.where(keys > prev, keys, stop_key))
+
+
+def _nth_key(keys: jax.Array, n, stop_key: int):
+    """The tile's n-th smallest distinct key (from 0), stop_key if it has fewer below stop_key."""
+    return lax.fori_loop(0, n + 1, lambda _, key: _next_key(keys, key, stop_key), jnp.int32(-1))
+
+
 def _for_each_run(keys: jax.Array, stop_key: int, body, carry, *, group=0, groups: int = 1):
     """carry = body(key, in_run, carry) for each distinct key < stop_key of the tile, ascending.
 
     With groups > 1 only every groups-th run from `group` on: the others cost a reduction, no loads.
     """
-    def next_key(prev):
-        return jnp.min(jnp.where(keys > prev, keys, stop_key))
-
     def step(state):
         key, index, carry = state
         run = lambda c: body(key, keys == key, c)  # noqa: E731
         carry = run(carry) if groups == 1 else lax.cond(index % groups == group, run, lambda c: c, carry)
-        return next_key(key), index + 1, carry
+        return _next_key(keys, key, stop_key), index + 1, carry
 
-    start = (next_key(jnp.int32(-1)), jnp.int32(0), carry)
+    start = (_next_key(keys, jnp.int32(-1), stop_key), jnp.int32(0), carry)
     return lax.while_loop(lambda state: state[0] < stop_key, step, start)[2]
 
 
@@ -101,21 +128,65 @@ def _over_rank_blocks(rank, rank_buffer: int, block_r: int, body, carry):
     return carry
 
 
-def _expand_run(acc, key, in_run, rows, n_idx, n_ok, ranks_ref, xa_ref, b_ref, *, block_r: int,
-                num_slots: int):
-    """acc[rows of the run] += (sum of split-K partials of xa) @ B[key, :rank, n_idx], rank-blocked."""
+def _expand_run(acc, key, in_run, n_idx, n_ok, ranks_ref, b_ref, xa_block, *, block_r: int, num_slots: int):
+    """acc[rows of the run] += xa_block(key, in_run, r_idx, r_ok) @ B[key, :rank, n_idx], rank-blocked."""
     rank = jnp.where(key < num_slots, ranks_ref[jnp.minimum(key, num_slots - 1)], 0)
 
     def rank_block(r_idx, r_ok, acc):
-        xa_mask = in_run[:, None] & r_ok[None, :]
-        xa = sum(_load(xa_ref, s, rows[:, None], r_idx[None, :], mask=xa_mask) for s in range(xa_ref.shape[0]))
-        b = _load(b_ref, key, r_idx[:, None], n_idx[None, :], mask=r_ok[:, None] & n_ok[None, :])
+        xa = xa_block(key, in_run, r_idx, r_ok)
+        b = _load(b_ref, key, r_idx[:, None], n_idx[None, :], mask=_edge_mask(r_ok, n_ok))
         return acc + _dot(xa.astype(b.dtype), b)
 
     return _over_rank_blocks(rank, b_ref.shape[1], block_r, rank_block, acc)
 
 
-def _expand_rows(acc, keys, rows, n_idx, n_ok, ranks_ref, xa_ref, b_ref, *, num_slots: int):
+def _shrink_block(x_ref, a_ref, rows, in_run, key, r_idx, r_ok, k_start, k_stop, *, block_k: int) -> jax.Array:
+    """x[rows of the run, K] @ A[key, K, r_idx] over the d_in blocks [k_start, k_stop), float32.
+
+    A's block is read whole, so its load needs no mask along its contiguous axis and feeds the dot
+    directly (what Triton pipelines); column r of the product depends on A[:, r] alone, so zeroing
+    the columns past the slot's rank afterwards discards whatever the pool holds there, NaN included.
+    """
+    d_in = x_ref.shape[1]
+    r_tail = _tail(r_idx, a_ref.shape[2])
+
+    def k_step(k_block, acc):
+        k_idx = k_block * block_k + jnp.arange(block_k)
+        k_ok = _tail(k_idx, d_in)
+        x = _load(x_ref, rows[:, None], k_idx[None, :], mask=_edge_mask(in_run, k_ok))
+        a = _load(a_ref, key, k_idx[:, None], r_idx[None, :], mask=_edge_mask(k_ok, r_tail))
+        return acc + _dot(x, a)
+
+    acc = lax.fori_loop(k_start, k_stop, k_step, jnp.zeros((rows.shape[0], r_idx.shape[0]), jnp.float32))
+    return jnp.where(r_ok[None, :], acc, 0)
+
+
+def _xa_partials(xa_ref, rows):
+    """xa_block of the two-kernel delta: the sum of the shrink kernel's split-K partials (exactly 0
+    past the rank within a rank block the shrink computed, so only rows are masked)."""
+    def block(key, in_run, r_idx, r_ok):
+        return sum(_load(xa_ref, s, rows[:, None], r_idx[None, :], mask=in_run[:, None])
+                   for s in range(xa_ref.shape[0]))
+
+    return block
+
+
+def _xa_recomputed(scales_ref, x_ref, a_ref, rows, block_k: int):
+    """xa_block of the one-kernel delta: the scaled shrink over all of d_in, in the program itself.
+
+    Every d_out tile recomputes it (A re-read from L2) so that no xa round trip through HBM, and no
+    second launch, sits between shrink and expand: what a decode batch is bound by.
+    """
+    k_blocks = pl.cdiv(x_ref.shape[1], block_k)
+
+    def block(key, in_run, r_idx, r_ok):
+        xa = _shrink_block(x_ref, a_ref, rows, in_run, key, r_idx, r_ok, 0, k_blocks, block_k=block_k)
+        return scales_ref[key] * xa
+
+    return block
+
+
+def _expand_rows(acc, keys, rows, n_idx, n_ok, ranks_ref, b_ref, *, xa_ref, num_slots: int):
     """acc[t] += (sum of split-K partials of xa[t]) @ B[slot_t, :rank_t, n_idx] for every row at once.
 
     Rank-1 updates in which each row gathers its own row of B: no loop over the tile's adapters, so
@@ -130,7 +201,7 @@ def _expand_rows(acc, keys, rows, n_idx, n_ok, ranks_ref, xa_ref, b_ref, *, num_
     def rank_step(r, acc):
         live = r < rank
         xa = sum(_load(xa_ref, s, rows, r, mask=live) for s in range(xa_ref.shape[0]))
-        b = _load(b_ref, slot[:, None], r, n_idx[None, :], mask=live[:, None] & n_ok[None, :])
+        b = _load(b_ref, slot[:, None], r, n_idx[None, :], mask=_edge_mask(live, n_ok))
         return acc + xa[:, None] * b.astype(jnp.float32)
 
     return lax.fori_loop(0, jnp.max(rank), rank_step, acc)
@@ -162,9 +233,8 @@ def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
     order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref) = _split_refs(refs, tiles.sort)
     tile, group, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bt, bk, br = tiles.block_t, tiles.block_k, tiles.block_r
-    d_in = x_ref.shape[1]
     rows, _, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
-    k_blocks = math.ceil(d_in / bk)
+    k_blocks = math.ceil(x_ref.shape[1] / bk)
     per_split = math.ceil(k_blocks / tiles.split_k)
     k_start = split * per_split
     k_stop = jnp.minimum(k_start + per_split, k_blocks)
@@ -173,17 +243,9 @@ def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
         rank, scale = ranks_ref[key], scales_ref[key]
 
         def rank_block(r_idx, r_ok, carry):
-            def k_step(k_block, acc):
-                k_idx = k_block * bk + jnp.arange(bk)
-                k_ok = k_idx < d_in
-                x = _load(x_ref, rows[:, None], k_idx[None, :], mask=in_run[:, None] & k_ok[None, :])
-                a = _load(a_ref, key, k_idx[:, None], r_idx[None, :], mask=k_ok[:, None] & r_ok[None, :])
-                return acc + _dot(x, a)
-
             # An empty split (k_start >= k_stop) still stores its zero partial: expand reads every split.
-            acc = lax.fori_loop(k_start, k_stop, k_step, jnp.zeros((bt, br), jnp.float32))
-            plgpu.store(xa_ref.at[split, rows[:, None], r_idx[None, :]], acc * scale,
-                        mask=in_run[:, None] & r_ok[None, :])
+            acc = _shrink_block(x_ref, a_ref, rows, in_run, key, r_idx, r_ok, k_start, k_stop, block_k=bk)
+            plgpu.store(xa_ref.at[split, rows[:, None], r_idx[None, :]], acc * scale, mask=in_run[:, None])
             return carry
 
         return _over_rank_blocks(rank, a_ref.shape[2], br, rank_block, carry)
@@ -192,38 +254,41 @@ def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
 
 
 def _expand_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool):
-    order_ref, (slot_ref, ranks_ref, xa_ref, b_ref, *refs) = _split_refs(refs, tiles.sort)
+    """Grid (tiles, run groups, d_out tiles); the xa operand is the shrink's partials, or with
+    tiles.fuse_shrink the three operands (scales, x, A) that this kernel computes xa from."""
+    order_ref, (slot_ref, ranks_ref, *refs) = _split_refs(refs, tiles.sort)
+    xa_refs, (b_ref, *refs) = (refs[:3], refs[3:]) if tiles.fuse_shrink else (refs[:1], refs[1:])
     base_ref, out_ref = refs if add_base else (None, refs[0])
     tile, group, n_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bt, bn = tiles.block_t, tiles.block_n
     d_out = out_ref.shape[1]
     rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
     n_idx = n_block * bn + jnp.arange(bn)
-    n_ok = n_idx < d_out
-    refs = dict(rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, xa_ref=xa_ref, b_ref=b_ref,
-                num_slots=num_slots)
+    n_ok = _tail(n_idx, d_out)
+    refs = dict(n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, b_ref=b_ref, num_slots=num_slots)
     acc = jnp.zeros((bt, bn), jnp.float32)
     if tiles.expand_rows:
-        acc, mine = _expand_rows(acc, keys, **refs), valid
+        acc, mine = _expand_rows(acc, keys, rows, xa_ref=xa_refs[0], **refs), valid
+    elif tiles.fuse_shrink:
+        # One run per program (fit makes split_runs cover a tile's runs): the d_in loop then sits
+        # in no loop over runs, where Triton can pipeline it.
+        key = _nth_key(keys, group, num_slots + 1)
+        mine = (keys == key) & valid
+        acc = _expand_run(acc, key, mine, xa_block=_xa_recomputed(*xa_refs, rows, tiles.block_k),
+                          block_r=tiles.block_r, **refs)
     else:
+        xa_block = _xa_partials(xa_refs[0], rows)
+
         def run(key, in_run, carry):  # the no-adapter run (key N, rank 0) only marks its rows written
             acc, mine = carry
-            return _expand_run(acc, key, in_run, block_r=tiles.block_r, **refs), mine | in_run
+            return _expand_run(acc, key, in_run, xa_block=xa_block, block_r=tiles.block_r, **refs), mine | in_run
 
         start = (acc, jnp.zeros((bt,), jnp.bool_))
         acc, mine = _for_each_run(keys, num_slots + 1, run, start, group=group, groups=tiles.split_runs)
-    mask = mine[:, None] & n_ok[None, :]
+    mask = _edge_mask(mine, n_ok)
     if add_base:
         acc += _load(base_ref, rows[:, None], n_idx[None, :], mask=mask).astype(jnp.float32)
     plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype), mask=mask)
-
-
-def _edge_mask(rows_ok, cols_ok):
-    """The mask of a 2-D block from its optional row and column masks (None: that axis is whole)."""
-    if rows_ok is None or cols_ok is None:
-        return None if rows_ok is None and cols_ok is None else (
-            rows_ok[:, None] if cols_ok is None else cols_ok[None, :])
-    return rows_ok[:, None] & cols_ok[None, :]
 
 
 def _projection_kernel(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, *, tiles: Tiles,
@@ -239,27 +304,24 @@ def _projection_kernel(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref
     num_tokens, d_out = slot_ref.shape[0], b_ref.shape[2]  # x, W and out are refs to blocks
     rows, valid, keys = _tile(None, slot_ref, tile, bt, num_slots)
     n_idx = n_block * bn + jnp.arange(bn)
-    n_ok = n_idx < d_out
+    n_ok = _tail(n_idx, d_out)
     rows_edge = valid if num_tokens % bt else None
-    cols_edge = n_ok if d_out % bn else None
 
     def k_step(k_block, acc):
-        k_ok = (k_block * bk + jnp.arange(bk) < d_in) if d_in % bk else None
-        x_mask, w_mask = _edge_mask(rows_edge, k_ok), _edge_mask(k_ok, cols_edge)
-        x = plgpu.load(x_ref.at[:, pl.ds(k_block * bk, bk)], mask=x_mask, other=None if x_mask is None else 0)
-        w = plgpu.load(w_ref.at[pl.ds(k_block * bk, bk), :], mask=w_mask, other=None if w_mask is None else 0)
+        k_ok = _tail(k_block * bk + jnp.arange(bk), d_in)
+        x = _load(x_ref, slice(None), pl.ds(k_block * bk, bk), mask=_edge_mask(rows_edge, k_ok))
+        w = _load(w_ref, pl.ds(k_block * bk, bk), slice(None), mask=_edge_mask(k_ok, n_ok))
         return acc + _dot(x, w)
 
     acc = lax.fori_loop(0, pl.cdiv(d_in, bk), k_step, jnp.zeros((bt, bn), jnp.float32))
-    refs = dict(rows=rows, n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, xa_ref=xa_ref, b_ref=b_ref,
-                num_slots=num_slots)
+    refs = dict(n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, b_ref=b_ref, num_slots=num_slots)
     if tiles.expand_rows:
-        acc = _expand_rows(acc, keys, **refs)
+        acc = _expand_rows(acc, keys, rows, xa_ref=xa_ref, **refs)
     else:
-        acc = _for_each_run(keys, num_slots,
-                            lambda key, in_run, acc: _expand_run(acc, key, in_run, block_r=tiles.block_r, **refs),
-                            acc)
-    plgpu.store(out_ref, acc.astype(out_ref.dtype), mask=_edge_mask(rows_edge, cols_edge))
+        xa_block = _xa_partials(xa_ref, rows)
+        acc = _for_each_run(keys, num_slots, lambda key, in_run, acc: _expand_run(
+            acc, key, in_run, xa_block=xa_block, block_r=tiles.block_r, **refs), acc)
+    plgpu.store(out_ref, acc.astype(out_ref.dtype), mask=_edge_mask(rows_edge, n_ok))
 
 
 def _call(kernel, grid, out_shape, tiles: Tiles, interpret: bool, name: str, *operands, num_warps=None, **specs):
@@ -292,17 +354,21 @@ def _shrink(order: list, x, a_pool, slot_ids, ranks, scales, tiles: Tiles, inter
 
 def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Tiles,
                  interpret: bool) -> jax.Array:
-    """base_out (or zeros) + every token's LoRA delta, in x's dtype: [sort,] shrink, expand."""
+    """base_out (or zeros) + every token's LoRA delta, in x's dtype: [sort,] shrink, expand; with
+    tiles.fuse_shrink [sort,] one kernel, the expand computing its own xa (`_xa_recomputed`)."""
     num_slots, _, d_out = b_pool.shape
     num_tokens = x.shape[0]
     order = _order(slot_ids, num_slots, tiles, interpret)
-    xa = _shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)
+    if tiles.fuse_shrink:
+        xa, name = [scales, x, a_pool], "atmm_delta"
+    else:
+        xa, name = [_shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)], "atmm_expand"
     add_base = base_out is not None
     kernel = functools.partial(_expand_kernel, tiles=tiles, num_slots=num_slots, add_base=add_base)
     run_groups = 1 if tiles.expand_rows else tiles.split_runs
     grid = (pl.cdiv(num_tokens, tiles.block_t), run_groups, pl.cdiv(d_out, tiles.block_n))
     return _call(kernel, grid, jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype), tiles, interpret,
-                 "atmm_expand", *order, slot_ids, ranks, xa, b_pool, *([base_out] if add_base else []))
+                 name, *order, slot_ids, ranks, *xa, b_pool, *([base_out] if add_base else []))
 
 
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:

@@ -36,10 +36,13 @@ class Tiles:
     expand, instead of the Pallas GEMM with the expand as epilogue). lora_projection's GEMM always
     walks natural-order tiles; sort there orders its shrink only. See gpu.py.
 
-    TPU only: fuse_shrink (lora_projection only): compute x @ A inside the projection kernel's d_in
-    loop, next to x @ W, instead of in a separate shrink kernel. x is then read once and one kernel
-    runs, but every d_out tile recomputes the shrink (R / block_n extra FLOPs over the base GEMM): a
-    win while the call is bound by bytes and launches (decode), a loss once it is bound by FLOPs.
+    fuse_shrink: compute x @ A inside the kernel that writes y instead of in a separate shrink
+    kernel, so one kernel runs, but every d_out tile recomputes the shrink: a win while the call is
+    bound by launches and bytes (decode), a loss once it is bound by FLOPs. On TPU in the projection
+    kernel's d_in loop, next to x @ W (lora_projection only; x is then read once). On GPU in the
+    delta's expand (batched_lora, and lora_projection with xla_base): one adapter run per program
+    (split_runs set to cover a tile's runs), each with its full d_in loop; split_k and expand_rows
+    do not apply there.
     """
 
     block_t: int
@@ -102,18 +105,22 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
         block_k = gpu_dim(tiles.block_k, key.d_in)
         block_t = gpu_dim(tiles.block_t, key.tokens)
         max_split = max(1, -(-key.d_in // block_k))
+        xla_base = tiles.xla_base and key.fused
+        fuse_shrink = tiles.fuse_shrink and (xla_base or not key.fused)  # the Pallas GEMM has no fused shrink
+        split_runs = min(block_t, key.adapters + 1)  # a tile's runs: its rows, the slots and "no adapter"
         return dataclasses.replace(
             tiles,
             block_t=block_t,
             block_k=block_k,
             block_r=gpu_dim(tiles.block_r, key.rank),
             block_n=gpu_dim(tiles.block_n, key.d_out),
-            split_k=max(1, min(tiles.split_k, max_split)),
+            split_k=1 if fuse_shrink else max(1, min(tiles.split_k, max_split)),
             num_warps=_prev_pow2(min(max(tiles.num_warps, 1), 16)),
             num_stages=max(1, tiles.num_stages),
-            fuse_shrink=False,
-            split_runs=max(1, min(tiles.split_runs, block_t, key.adapters + 1)),
-            xla_base=tiles.xla_base and key.fused,
+            fuse_shrink=fuse_shrink,
+            split_runs=split_runs if fuse_shrink else max(1, min(tiles.split_runs, split_runs)),
+            expand_rows=tiles.expand_rows and not fuse_shrink,
+            xla_base=xla_base,
         )
     if backend == "pallas_tpu":
         # Token tiles of 16 keep bf16 (16, 128) sublane packing; the padded token layout is a
@@ -142,6 +149,9 @@ def heuristic(key: ShapeKey, backend: str) -> Tiles:
     and the epilogue gathers B per row (expand_rows: a decode tile holds many adapters, whose runs
     would be a chain of dependent loads); at prefill its tiles are the usual GEMM tiles and a tile
     holds a few runs (requests are token ranges), each one tensor-core dot.
+
+    The one-kernel delta (fuse_shrink) is left to the tuned table: on the H100 it won only at T = 32
+    with 32 adapters (10.6 against 11.4 us in one run) and lost at the other decode anchors (see PERF.md).
 
     TPU: token tiles follow the mean segment length T / adapters over the padded slot-sorted layout;
     the shrink is fused into the projection up to FUSE_SHRINK_MAX_TOKENS (see Tiles).

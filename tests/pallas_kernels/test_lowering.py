@@ -10,7 +10,7 @@ import pytest
 from jax._src import mesh as mesh_lib
 
 from pallas_kernels import api
-from pallas_kernels.tiles import ShapeKey, heuristic
+from pallas_kernels.tiles import ShapeKey, fit, heuristic
 
 # Known and reported: jax 0.11.2 deprecates the Pallas Triton backend in favour of Mosaic GPU.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -24,26 +24,36 @@ TARGETS = {  # backend: (export platform, device kind, custom call)
 def _kernels(backend: str, fused: bool, tiles) -> list[str]:
     """The pallas_calls one jitted call must contain."""
     if backend == "pallas_gpu":
-        return ["atmm_sort"] * tiles.sort + ["atmm_shrink", "atmm_projection" if fused else "atmm_expand"]
+        if fused and not tiles.xla_base:
+            return ["atmm_sort"] * tiles.sort + ["atmm_shrink", "atmm_projection"]
+        return ["atmm_sort"] * tiles.sort + (["atmm_delta"] if tiles.fuse_shrink else ["atmm_shrink", "atmm_expand"])
     return ["atmm_projection"] if fused and tiles.fuse_shrink else ["atmm_shrink", "atmm_expand"]
 
 
-@pytest.mark.parametrize("fused, flip", [(False, False), (True, False), (True, True)],
-                         ids=["delta", "fused", "fused-flipped"])
+VARIANTS = [(backend, fused, variant) for backend in TARGETS
+            for fused, variant in [(False, None), (True, None), (True, "flipped")]] + [
+    ("pallas_gpu", False, "one-kernel"), ("pallas_gpu", True, "one-kernel")]
+
+
+@pytest.mark.parametrize("backend, fused, variant", VARIANTS,
+                         ids=[f"{b}-{'fused' if f else 'delta'}{'-' + v if v else ''}" for b, f, v in VARIANTS])
 @pytest.mark.parametrize("tokens, rank", [(32, 16), (512, 256)])
-@pytest.mark.parametrize("backend", TARGETS)
-def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, flip):
-    """Heuristic tiles at both sizes, and with the size-dependent choice flipped (GPU: sort, TPU:
-    fuse_shrink), so every kernel variant lowers."""
+def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, variant):
+    """Heuristic tiles at both sizes, with the size-dependent choice flipped (GPU: sort, TPU:
+    fuse_shrink), and GPU's one-kernel delta (alone and after XLA's base GEMM), so every kernel
+    variant lowers."""
     platform, kind, custom_call = TARGETS[backend]
     d_in, d_out, slots = 1024, 2048, 8
     spec = jax.ShapeDtypeStruct
     lora = (spec((slots, d_in, rank), jnp.bfloat16), spec((slots, rank, d_out), jnp.bfloat16),
             spec((tokens,), jnp.int32), spec((slots,), jnp.int32), spec((slots,), jnp.float32))
-    tiles = heuristic(ShapeKey.of(tokens, d_in, d_out, rank, slots, fused), backend)
-    if flip:
+    key = ShapeKey.of(tokens, d_in, d_out, rank, slots, fused)
+    tiles = heuristic(key, backend)
+    if variant == "flipped":
         flipped = "sort" if backend == "pallas_gpu" else "fuse_shrink"
         tiles = dataclasses.replace(tiles, **{flipped: not getattr(tiles, flipped)})
+    elif variant == "one-kernel":
+        tiles = fit(dataclasses.replace(tiles, fuse_shrink=True, xla_base=fused), key, backend)
     static = dict(backend=backend, tiles=tiles, interpret=False)
     if fused:
         fn = lambda x, w, *rest: api._lora_projection(x, w, *rest, **static)  # noqa: E731

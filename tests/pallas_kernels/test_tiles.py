@@ -22,8 +22,11 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
             assert block >= 16 and block & (block - 1) == 0
         assert 1 <= tiles.split_k <= math.ceil(key.d_in / tiles.block_k)
         assert tiles.num_warps & (tiles.num_warps - 1) == 0 and tiles.num_stages >= 1
-        assert 1 <= tiles.split_runs <= tiles.block_t and not tiles.fuse_shrink
+        assert 1 <= tiles.split_runs <= tiles.block_t
         assert key.fused or not tiles.xla_base
+        if tiles.fuse_shrink:  # the one-kernel delta: one run per program, no split-K, not in the Pallas GEMM
+            assert tiles.split_runs == min(tiles.block_t, key.adapters + 1) and tiles.split_k == 1
+            assert not tiles.expand_rows and (tiles.xla_base or not key.fused)
     else:
         assert tiles.block_t % 8 == 0
         for block, dim in ((tiles.block_k, key.d_in), (tiles.block_r, key.rank), (tiles.block_n, key.d_out)):
@@ -88,7 +91,7 @@ def test_heuristic_switches_by_token_bucket(key, backend):
     row at decode (up to 256 tokens); TPU fuses the shrink up to 256 tokens."""
     tiles = heuristic(key, backend)
     if backend == "pallas_gpu":
-        assert tiles.sort == (key.tokens >= 128) and not tiles.fuse_shrink
+        assert tiles.sort == (key.tokens >= 128) and not tiles.fuse_shrink  # one kernel only where tuned
         assert tiles.expand_rows == (key.fused and key.tokens <= 256)
     else:
         assert tiles.fuse_shrink == (key.tokens <= 256) and tiles.split_runs == 1
