@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import gpu, reference, tpu
 from pallas_kernels.grouping import group_tokens
-from pallas_kernels.tiles import ShapeKey, Tiles, fit, tiles_for
+from pallas_kernels.tiles import ShapeKey, Tiles, call_key, fit, tiles_for
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -55,7 +55,7 @@ def _validate(x, a_pool, b_pool, slot_ids, ranks, scales, base_out=None, w=None)
         _expect("base_out", base_out, (num_tokens, d_out), x.dtype)
     if w is not None:
         _expect("w", w, (d_in, d_out), x.dtype)
-    return ShapeKey.of(num_tokens, d_in, d_out, rank_buffer, num_slots)
+    return call_key(x.shape, a_pool.shape, b_pool.shape)
 
 
 def _tiles(key: ShapeKey, backend: str, tiles: Tiles | None) -> Tiles | None:

@@ -76,6 +76,15 @@ class ShapeKey:
         return cls(_next_pow2(tokens), d_in, d_out, rank, max(1, min(adapters, tokens)), fused)
 
 
+def call_key(x_shape: tuple, a_pool_shape: tuple, b_pool_shape: tuple, fused: bool = False) -> ShapeKey:
+    """The key a call with these operand shapes looks its tiles up by: x (T, d_in), a_pool
+    (N, d_in, R), b_pool (N, R, d_out). Its adapter count is the static bound min(N slots, T), not the
+    distinct adapters of a batch (data). `api` looks up and `tune` stores entries by this one function,
+    so a tuned entry is found by the calls of the shape it was tuned on."""
+    (tokens, d_in), (num_slots, _, rank_buffer), d_out = x_shape, a_pool_shape, b_pool_shape[2]
+    return ShapeKey.of(tokens, d_in, d_out, rank_buffer, num_slots, fused)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
@@ -151,7 +160,8 @@ def heuristic(key: ShapeKey, backend: str) -> Tiles:
     holds a few runs (requests are token ranges), each one tensor-core dot.
 
     The one-kernel delta (fuse_shrink) is left to the tuned table: on the H100 it won only at T = 32
-    with 32 adapters (10.6 against 11.4 us in one run) and lost at the other decode anchors (see PERF.md).
+    (PERF.md rounds 3 and 4; there the table also serves the fused projection as cuBLAS + one kernel)
+    and lost at T = 256; `tune` tries it with its own tiles (tune.ONE_KERNEL).
 
     TPU: token tiles follow the mean segment length T / adapters over the padded slot-sorted layout;
     the shrink is fused into the projection up to FUSE_SHRINK_MAX_TOKENS (see Tiles).

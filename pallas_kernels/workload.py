@@ -6,6 +6,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.tiles import ShapeKey, call_key
+
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -37,6 +39,11 @@ class Workload:
             ranks=jnp.full((self.pool,), self.rank, jnp.int32),
             scales=jnp.full((self.pool,), 2.0, jnp.float32),
         )
+
+    def key(self, fused: bool = False) -> ShapeKey:
+        """The tile-table key that calls on this workload's arrays look up (`tiles.call_key`)."""
+        return call_key((self.tokens, self.d_in), (self.pool, self.d_in, self.rank), (self.pool, self.rank, self.d_out),
+                        fused)
 
     def distinct_adapters(self, arrays: dict) -> int:
         return int(np.unique(np.asarray(arrays["slot_ids"])).size)

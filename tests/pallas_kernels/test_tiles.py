@@ -1,13 +1,18 @@
 """Tile tables round-trip, every lookup returns tiles the backend can lower, lookups keep the delta's
-and the fused projection's entries apart, and the size-dependent switches are picked by token bucket
-and tuned both ways."""
+and the fused projection's entries apart, tune keys entries as calls look them up, and the
+size-dependent switches are picked by token bucket and tuned both ways."""
 import dataclasses
 import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels import tune
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from pallas_kernels import api, tune
+from pallas_kernels import tiles as tiles_module
 from pallas_kernels.tiles import ShapeKey, Tiles, TileTable, fit, heuristic, tiles_for
 
 shape_keys = st.builds(
@@ -112,3 +117,43 @@ def test_tune_candidates_are_distinct_and_valid(key, backend):
     assert len(found) == len(set(found)) >= 2
     for tiles in found:
         assert_valid(tiles, key, backend)
+
+
+def test_tuned_entries_are_what_calls_of_their_shape_look_up(tmp_path, monkeypatch):
+    """tune stores each entry under the key that calls of its workload look up (adapters = the static
+    min(pool, T), not the batch's distinct adapters): decode-few (4 adapters of a 64-slot pool) and
+    decode-many share the T = 32 entry, and every anchor's call gets exactly its key's entry."""
+    grid = tune.shape_grid(quick=False)
+    keys = list(dict.fromkeys(w.key(fused) for w in grid for fused in (False, True)))
+    entries = {key: fit(Tiles(16, 128, 16, 32 << (i % 6), split_k=1 + i // 6), key, "pallas_gpu")
+               for i, key in enumerate(keys)}
+    assert len(set(entries.values())) == len(entries)
+    path = tmp_path / "gpu.json"
+    TileTable("dev", "pallas_gpu", "0.11.2", entries).save(path)
+    monkeypatch.setattr(tiles_module, "table_path", lambda kind=None: path)
+    monkeypatch.setattr(tiles_module, "_loaded", {})
+    used = []
+    monkeypatch.setattr(api, "_batched_lora", lambda *args, tiles, **kw: used.append(tiles))
+    monkeypatch.setattr(api, "_lora_projection", lambda *args, tiles, **kw: used.append(tiles))
+    spec = jax.ShapeDtypeStruct
+    for w in grid:
+        x, weight = spec((w.tokens, w.d_in), jnp.bfloat16), spec((w.d_in, w.d_out), jnp.bfloat16)
+        lora = (spec((w.pool, w.d_in, w.rank), jnp.bfloat16), spec((w.pool, w.rank, w.d_out), jnp.bfloat16),
+                spec((w.tokens,), jnp.int32), spec((w.pool,), jnp.int32), spec((w.pool,), jnp.float32))
+        pk.batched_lora(x, *lora, backend="pallas_gpu")
+        pk.lora_projection(x, weight, *lora, backend="pallas_gpu")
+        assert used[-2:] == [entries[w.key(False)], entries[w.key(True)]], w
+    few, many = (w for w in grid if w.tokens == 32)
+    assert few.adapters != many.adapters and few.key() == many.key()
+
+
+@given(key=shape_keys)
+def test_tune_tries_wide_d_out_tiles_for_the_one_kernel_delta(key):
+    """GPU: the one-kernel candidates (fuse_shrink; after XLA's base GEMM when fused) take d_out tiles of
+    1024 (and 512, 2048), not the two-kernel heuristic's 128, wherever d_out allows them."""
+    found = [t for t in tune.candidates(key, "pallas_gpu", limit=100) if t.fuse_shrink]
+    widths = {t.block_n for t in found}
+    assert min(1024, max(16, 1 << (key.d_out - 1).bit_length())) in widths
+    assert all(t.xla_base == key.fused for t in found)
+    short = tune.candidates(key, "pallas_gpu", limit=5)  # the flipped twins alone include the one kernel
+    assert any(t.fuse_shrink and t.block_n == min(1024, max(16, 1 << (key.d_out - 1).bit_length())) for t in short)
