@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from valora_jax.config import VisionConfig
-from valora_jax.layers import LayerNorm, Linear, activation, normal_init
+from valora_jax.layers import LayerNorm, Linear, activation, lecun_normal, normal
 from valora_jax.sharding import constrain
 
 
@@ -66,10 +66,10 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         patch_dim = cfg.num_channels * cfg.patch_size**2
-        self.patch_embedding = nnx.Param(normal_init(rngs, (patch_dim, cfg.hidden_size), dtype),
+        self.patch_embedding = nnx.Param(lecun_normal(rngs, (patch_dim, cfg.hidden_size), dtype),
                                          logical_axes=(None, "embed"))
-        self.class_embedding = nnx.Param(normal_init(rngs, (cfg.hidden_size,), dtype), logical_axes=("embed",))
-        self.position_embedding = nnx.Param(normal_init(rngs, (cfg.num_patches + 1, cfg.hidden_size), dtype),
+        self.class_embedding = nnx.Param(normal(rngs, (cfg.hidden_size,), dtype), logical_axes=("embed",))
+        self.position_embedding = nnx.Param(normal(rngs, (cfg.num_patches + 1, cfg.hidden_size), dtype),
                                             logical_axes=(None, "embed"))
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
         self.layers = nnx.List([VisionEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
