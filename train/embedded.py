@@ -18,8 +18,10 @@ from PIL import Image
 from train.scenes import SHAPES, Box, cell_placements, centred_placement, random_placements, render_scene
 from train.tasks import Example, Task
 
-BOX_GRID = 8  # location answers are box edges on a BOX_GRID x BOX_GRID grid: words 0..8
-LOCATION_SIDE = (0.3, 0.6)  # object side, as a fraction of the image: 2.4 to 4.8 grid cells
+# Location answers are box edges on a BOX_GRID x BOX_GRID grid (words 0..4): on the tiny preset's 64-px
+# images its lines are the 16-px patch boundaries, the finest positions the model sees as separate tokens.
+BOX_GRID = 4
+LOCATION_SIDE = (0.3, 0.6)  # object side, as a fraction of the image: 1.2 to 2.4 grid cells
 SHAPE_SIDE = (0.5, 0.8)  # one large object near the centre: its outline, not its position, is what varies
 SHAPE_JITTER = 0.3  # the object's centre moves by up to this fraction of its margin to the image edge
 COUNT_CELLS = 4  # count scenes: at most one object per cell of a COUNT_CELLS x COUNT_CELLS layout
@@ -118,7 +120,7 @@ def _embedded_tasks() -> dict[str, EmbeddedTask]:
             "classify", "accuracy", 0.7, "how many objects are in the image ?", COUNT_LABELS, _independent(_make_count)
         ),
         "location": EmbeddedTask(
-            "lm", "iou@0.5", 0.7, "where is the object ? give the bounding box x0 y0 x1 y1 .", (),
+            "lm", "iou@0.5", 0.7, "where is the object ?", (),
             _independent(_make_location),
         ),
         "digits": EmbeddedTask(
