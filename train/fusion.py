@@ -11,7 +11,9 @@ addition to it anyway (the failing task would be in the union), so trying costs 
 nothing. It is listed in `cannot_meet` with the best score it reached in any training.
 
 Training is a callback, `train_and_eval(tasks) -> {task name: score}`, so this module knows nothing
-about models and its logic is tested with score tables.
+about models and its logic is tested with score tables. A group of more than one task is always the
+open adapter's accepted group plus the task being added, so the callback may start that training from
+the accepted group's adapter (train.run does).
 """
 
 from __future__ import annotations

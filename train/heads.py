@@ -61,6 +61,25 @@ class ClassifyHeads(nnx.Module):
         gathered = jnp.take_along_axis(scores, jnp.minimum(columns, scores.shape[1] - 1), axis=1)
         return jnp.where(valid, gathered, MASKED_LOGIT)
 
+    def restore(self, directory: str | pathlib.Path) -> tuple[str, ...]:
+        """Copy the heads saved in `directory` (by `save`) into the columns of the same tasks; returns those tasks.
+
+        Heads of tasks not saved there keep their values. A saved task must exist here with the same labels.
+        """
+        saved = load_heads(directory)
+        own = dict(self.label_sets)
+        kernel, bias = self.kernel[...], self.bias[...]
+        for name, labels in saved.label_sets:
+            if own.get(name) != labels:
+                raise ValueError(f"{directory}: head {name!r} has labels {list(labels)}; expected {own.get(name)}")
+            at, count = self.offsets[self.tasks.index(name)], self.counts[self.tasks.index(name)]
+            source = saved.offsets[saved.tasks.index(name)]
+            kernel = kernel.at[:, at:at + count].set(saved.kernel[...][:, source:source + count])
+            bias = bias.at[at:at + count].set(saved.bias[...][source:source + count])
+        self.kernel.set_value(kernel)
+        self.bias.set_value(bias)
+        return saved.tasks
+
     def save(self, directory: str | pathlib.Path, tasks: Sequence[str] | None = None) -> None:
         """Write the heads of `tasks` (default: all)."""
         tasks = self.tasks if tasks is None else tuple(tasks)

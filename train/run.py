@@ -108,17 +108,25 @@ class Job:
         return self.out / "trainings" / group_key(group)
 
     def train_and_eval(self, group: Sequence[Task]) -> dict[str, float]:
-        """Train a fresh adapter on `group`, save it, and return its validation score per task."""
+        """Train an adapter on `group`, save it, and return its validation score per task.
+
+        A group of one task starts from a fresh adapter. A larger group is always the open adapter's
+        accepted group plus one task (train.fusion), so its adapter starts from that group's trained
+        adapter and heads: VaLoRA adds the task to the current adapter and retrains it on the union,
+        which keeps what the earlier tasks learned instead of relearning it in a share of the steps.
+        """
         directory = self.training_dir(group)
         result_path = directory / RESULT_FILE
         if result_path.exists():
             return json.loads(result_path.read_text())["scores"]
         config = self.config
-        learner = new_learner(self.model, self.tasks, config.adapter, config.train.seed)
+        warm_start = self.training_dir(group[:-1]) / "adapter" if len(group) > 1 else None
+        learner = new_learner(self.model, self.tasks, config.adapter, config.train.seed, warm_start=warm_start)
         try:
             losses = train_adapter(learner, group, self.encoder, config.train, image_size=self.image_size,
                           checkpoint_dir=directory / "checkpoints", metrics=self.metrics, name=group_key(group),
                           resume=config.resume)
+            learner.eval()  # input dropout off while scoring
             scores = self.evaluator.scores(group, self.model, learner)
             self.metrics.append(step=config.train.steps, adapter=group_key(group),
                                 loss=losses[-1] if losses else float("nan"), lr=0.0, examples_per_s=0.0,

@@ -8,6 +8,9 @@ grain iterator's position. With `resume`, training continues from the latest one
 state and step count are restored, so the end result equals an uninterrupted run. A non-finite loss
 raises `NonFiniteLossError` before anything is saved from that step on, so the last checkpoint stays good.
 
+A training starts from a fresh adapter, or (`new_learner(..., warm_start=dir)`, how fusion grows an
+adapter) from a saved adapter and the heads saved with it, attached in the same graph as a fresh one.
+
 Data parallel: with `data_parallel = N` the batch is split over a ('data', 'model') mesh of N x 1
 devices and the base and adapter are replicated; the jitted step is the same program, XLA inserts the
 gradient all-reduce, so the loss curve equals the single-device one up to float reassociation.
@@ -31,12 +34,19 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from train.encoding import Encoder
-from train.heads import ClassifyHeads
+from train.heads import WEIGHTS_FILE, ClassifyHeads
 from train.pipeline import make_iterator, train_dataset
 from train.report import MetricsLog
 from train.step import TRAINED, Learner, train_step
 from train.tasks import Task
-from valora_jax.adapters import AdapterConfig, AdapterParam, AdapterState, attach
+from valora_jax.adapters import (
+    AdapterConfig,
+    AdapterParam,
+    AdapterState,
+    attach,
+    detach,
+    load_adapter,
+)
 from valora_jax.sharding import make_mesh, shard_model
 
 LOG_EVERY = 10  # steps between metrics.jsonl records (and host syncs of the loss)
@@ -108,17 +118,32 @@ class _Batches:
         return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in arrays.items()}
 
 
-def new_learner(model: nnx.Module, suite: Sequence[Task], adapter: AdapterConfig, seed: int) -> Learner:
+def new_learner(model: nnx.Module, suite: Sequence[Task], adapter: AdapterConfig, seed: int,
+                warm_start: pathlib.Path | None = None) -> Learner:
     """Attach a fresh adapter, initialised from `seed`, with fresh heads for every classify task of the suite.
+
+    With `warm_start` (a directory written by `save_adapter`, with the heads saved beside it) the adapter
+    and the saved heads start from there instead; `adapter` must be the config it was trained with.
 
     Heads exist for the whole suite, not only the tasks being trained, so every group of a fusion run
     has the same graph and the train step compiles once; heads of absent tasks get no gradient and are
     not saved.
     """
     rngs = nnx.Rngs(seed)
+    saved = None
+    if warm_start is not None:
+        load_adapter(model, warm_start)
+        saved = nnx.state(model, nnx.Any(AdapterParam, AdapterState))
+        detach(model)
+    # Attached from `adapter` either way, so every training has the same graph and the step compiles once
+    # (a loaded adapter carries the config as saved, with its targets spelt out, which is another graph).
     attach(model, adapter, rngs)
+    if saved is not None:
+        nnx.update(model, saved)
     label_sets = {t.name: t.labels for t in suite if t.head == "classify"}
     heads = ClassifyHeads(model.config.text.hidden_size, label_sets, rngs=rngs) if label_sets else None
+    if warm_start is not None and heads is not None and (warm_start / WEIGHTS_FILE).is_file():
+        heads.restore(warm_start)
     return Learner(model, heads)
 
 

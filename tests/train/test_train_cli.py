@@ -1,19 +1,29 @@
-"""`python -m train` end to end on a local HF checkpoint and a two-task file: outputs exist and agree."""
+"""`python -m train` end to end on a local HF checkpoint and a two-task file: outputs exist and agree, and the
+fused candidate starts from the accepted adapter."""
 
 import json
 import textwrap
 
 from PIL import Image
 
+import train.run
 from train.cli import main
 
 
-def test_job_writes_adapters_and_report(tmp_path, golden_dir):
+def test_job_writes_adapters_and_report(tmp_path, golden_dir, monkeypatch):
+    warm_starts = []
+    real_new_learner = train.run.new_learner
+
+    def recording_new_learner(*args, warm_start=None):
+        warm_starts.append(warm_start)
+        return real_new_learner(*args, warm_start=warm_start)
+
+    monkeypatch.setattr(train.run, "new_learner", recording_new_learner)
     tasks = tmp_path / "tasks.yaml"
     tasks.write_text(textwrap.dedent("""
         tasks:
           - source: embedded/colour
-            requirement: 0.9
+            requirement: 0.0  # always met, so fusion tries colour + location
             n_train: 8
             n_val: 4
           - source: embedded/location
@@ -25,6 +35,9 @@ def test_job_writes_adapters_and_report(tmp_path, golden_dir):
     main(["--model", str(golden_dir / "llava_mha"), "--tasks", str(tasks), "--out", str(out), "--steps", "2",
           "--batch-size", "4", "--rank", "2", "--eval-batch-size", "4", "--checkpoint-every", "2"])
 
+    # colour alone, then colour + location starting from colour's adapter (then location alone if rolled back)
+    assert warm_starts[:2] == [None, out / "trainings" / "colour" / "adapter"]
+    assert warm_starts[2:] in ([], [None])
     report = json.loads((out / "report.json").read_text())
     assert [t["name"] for t in report["tasks"]] == ["colour", "location"]
     adapters = {a["name"]: a for a in report["adapters"]}

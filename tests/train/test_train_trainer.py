@@ -1,8 +1,11 @@
-"""The adapter trainer on a real (tiny) LLaVA: resume after a kill, non-finite loss, 8-device data parallel.
+"""The adapter trainer on a real (tiny) LLaVA: resume after a kill, non-finite loss, 8-device data parallel,
+warm start from a saved adapter.
 
 References are independent runs of the same training: an uninterrupted run for resume, a single-device
 run for data parallel. The model is the golden tiny HF LLaVA (tests/golden/llava_mha), loaded once.
 """
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -13,10 +16,11 @@ from flax import nnx
 import train.trainer as trainer
 from tests.train.conftest import marked_image
 from train.encoding import Encoder
+from train.heads import ClassifyHeads
 from train.report import MetricsLog
 from train.run import load_base
 from train.tasks import Example, Task
-from valora_jax.adapters import AdapterConfig, AdapterParam, detach
+from valora_jax.adapters import AdapterConfig, AdapterParam, detach, save_adapter
 
 pytestmark = pytest.mark.xdist_group("train_llava_mha")
 
@@ -105,3 +109,43 @@ def test_eight_device_data_parallel_matches_one_device(setup, tmp_path):
     eight, eight_weights = run_training(setup, tmp_path / "eight", steps=4, checkpoint_every=100, data_parallel=8)
     np.testing.assert_allclose(eight, one, rtol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), eight_weights, one_weights)
+
+
+def test_warm_start_begins_from_the_saved_adapter_and_heads(setup, tmp_path):
+    """A fused group's training starts where its accepted group's ended: the adapter and that group's heads."""
+    model, tasks, encoder = setup
+    suite = [*tasks, dataclasses.replace(tasks[0], name="dim")]  # a second classify task, never trained here
+    config = trainer.TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup=1, checkpoint_every=100)
+    learner = trainer.new_learner(model, suite, ADAPTER, seed=0)
+    try:
+        trainer.train_adapter(learner, tasks, encoder, config, image_size=32, checkpoint_dir=tmp_path / "ckpt",
+                              metrics=MetricsLog(tmp_path / "m.jsonl"), name="first")
+        save_adapter(model, tmp_path / "adapter")
+        learner.heads.save(tmp_path / "adapter", ["bright"])
+        trained = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(learner, AdapterParam)))
+        fresh_graph = nnx.graphdef(learner)
+    finally:
+        detach(model)
+
+    warm = trainer.new_learner(model, suite, ADAPTER, seed=1, warm_start=tmp_path / "adapter")
+    try:
+        started = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(warm, AdapterParam)))
+        fresh_dim = np.asarray(warm.heads.kernel[...][:, 2:])
+        assert nnx.graphdef(warm) == fresh_graph  # the same graph as a fresh adapter: no second compile
+    finally:
+        detach(model)
+    b_factors = [layer["B"] for layer in jax.tree.leaves(trained["model"], is_leaf=lambda x: "B" in x)]
+    assert any(np.any(b) for b in b_factors)  # trained: B starts at zero, so a fresh adapter would not match
+    jax.tree.map(np.testing.assert_array_equal, started["model"], trained["model"])
+    np.testing.assert_array_equal(started["heads"]["kernel"][:, :2], trained["heads"]["kernel"][:, :2])
+    np.testing.assert_array_equal(started["heads"]["bias"][:2], trained["heads"]["bias"][:2])
+    assert not np.allclose(fresh_dim, trained["heads"]["kernel"][:, 2:])  # "dim" was not saved: a fresh head
+
+
+def test_restoring_heads_with_other_labels_is_an_error(setup, tmp_path):
+    model, _, _ = setup
+    heads = ClassifyHeads(model.config.text.hidden_size, {"bright": ("no", "yes")}, rngs=nnx.Rngs(0))
+    heads.save(tmp_path)
+    other = ClassifyHeads(model.config.text.hidden_size, {"bright": ("yes", "no", "maybe")}, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="head 'bright' has labels"):
+        other.restore(tmp_path)
