@@ -54,6 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warmup steps before cosine decay")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
+                   help="clip each step's gradient to this global norm (0: no clipping)")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help="steps between Orbax checkpoints (adapter, optimizer, data position)")
     p.add_argument("--data-parallel", type=int, default=defaults.data_parallel,
@@ -75,7 +77,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     if args.batch_size % args.data_parallel:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --data-parallel {args.data_parallel}")
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                        weight_decay=args.weight_decay, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
+                        checkpoint_every=args.checkpoint_every, seed=args.seed,
                         data_parallel=args.data_parallel)
     return JobConfig(out=args.out, model=args.model, tasks=args.tasks, adapter=adapter_config(args), train=train,
                      eval_batch_size=args.eval_batch_size, order=tuple(args.order) if args.order else None,

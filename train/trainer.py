@@ -63,6 +63,7 @@ class TrainConfig:
     lr: float = 3e-3
     warmup: int = 10
     weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
     checkpoint_every: int = 50
     seed: int = 0
     data_parallel: int = 1
@@ -73,9 +74,16 @@ class TrainConfig:
 
     @functools.cache
     def transform(self) -> optax.GradientTransformation:
-        """AdamW on the schedule; one object per config, because the optimizer is static in the jitted step
-        (a new transform per adapter would compile the step again)."""
-        return optax.adamw(self.schedule(), weight_decay=self.weight_decay)
+        """AdamW on the schedule, after clipping the gradient's global norm to `max_grad_norm` (None: no
+        clipping); one object per config, because the optimizer is static in the jitted step (a new
+        transform per adapter would compile the step again).
+
+        Clipping (transformers' Trainer clips at 1.0 too) keeps one bad batch at peak learning rate from
+        throwing a run off: without it, in a 170-step run of the embedded default, the count training
+        jumped from loss 0.23 to 3.1 at step 80 and ended at 0.44 accuracy (0.98 in the 150-step run).
+        """
+        adamw = optax.adamw(self.schedule(), weight_decay=self.weight_decay)
+        return adamw if self.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw)
 
 
 def head_indices(tasks: Sequence[Task], heads: ClassifyHeads | None) -> np.ndarray:

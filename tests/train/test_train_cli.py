@@ -7,7 +7,7 @@ import textwrap
 from PIL import Image
 
 import train.run
-from train.cli import main
+from train.cli import job_config, main, parser
 
 
 def test_job_writes_adapters_and_report(tmp_path, golden_dir, monkeypatch):
@@ -54,3 +54,8 @@ def test_job_writes_adapters_and_report(tmp_path, golden_dir, monkeypatch):
     Image.open(out / "accuracy.png").verify()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {line["adapter"] for line in lines} >= {"colour"} and all("loss" in line for line in lines)
+
+
+def test_max_grad_norm_flag_defaults_to_one_and_zero_turns_clipping_off():
+    assert job_config(parser().parse_args([])).train.max_grad_norm == 1.0
+    assert job_config(parser().parse_args(["--max-grad-norm", "0"])).train.max_grad_norm is None

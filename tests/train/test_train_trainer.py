@@ -9,6 +9,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -149,3 +150,13 @@ def test_restoring_heads_with_other_labels_is_an_error(setup, tmp_path):
     other = ClassifyHeads(model.config.text.hidden_size, {"bright": ("yes", "no", "maybe")}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="head 'bright' has labels"):
         other.restore(tmp_path)
+
+
+def test_gradients_are_clipped_to_the_global_norm_before_adamw():
+    grads = {"a": np.full((4,), 5.0, np.float32)}  # global norm 10
+    clipped, unclipped = (trainer.TrainConfig(max_grad_norm=norm).transform() for norm in (1.0, None))
+    first_moment = [optax.tree_utils.tree_get(t.update(grads, t.init(grads), grads)[1], "mu")["a"]
+                    for t in (clipped, unclipped)]
+    beta1 = 0.9  # optax.adamw's default: mu = (1 - beta1) * g after one step
+    np.testing.assert_allclose(first_moment[0], (1 - beta1) * grads["a"] / 10, rtol=1e-6)
+    np.testing.assert_allclose(first_moment[1], (1 - beta1) * grads["a"], rtol=1e-6)
