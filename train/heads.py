@@ -61,8 +61,8 @@ class ClassifyHeads(nnx.Module):
         gathered = jnp.take_along_axis(scores, jnp.minimum(columns, scores.shape[1] - 1), axis=1)
         return jnp.where(valid, gathered, MASKED_LOGIT)
 
-    def restore(self, directory: str | pathlib.Path) -> tuple[str, ...]:
-        """Copy the heads saved in `directory` (by `save`) into the columns of the same tasks; returns those tasks.
+    def restore(self, directory: str | pathlib.Path) -> None:
+        """Copy the heads saved in `directory` (by `save`) into the columns of the same tasks.
 
         Heads of tasks not saved there keep their values. A saved task must exist here with the same labels.
         """
@@ -78,7 +78,6 @@ class ClassifyHeads(nnx.Module):
             bias = bias.at[at:at + count].set(saved.bias[...][source:source + count])
         self.kernel.set_value(kernel)
         self.bias.set_value(bias)
-        return saved.tasks
 
     def save(self, directory: str | pathlib.Path, tasks: Sequence[str] | None = None) -> None:
         """Write the heads of `tasks` (default: all)."""
