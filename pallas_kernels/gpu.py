@@ -96,8 +96,16 @@ def _next_key(keys: jax.Array, prev, stop_key: int):
 
 
 def _nth_key(keys: jax.Array, n, stop_key: int):
-    """The tile's n-th smallest distinct key (from 0), stop_key if it has fewer below stop_key."""
-    return lax.fori_loop(0, n + 1, lambda _, key: _next_key(keys, key, stop_key), jnp.int32(-1))
+    """The tile's n-th smallest distinct key below stop_key (from 0), stop_key if it has fewer.
+
+    Three reductions over a (block_t, block_t) comparison whatever n, where a loop of n + 1
+    `_next_key` reductions (each a cross-warp barrier) kept the last run group's programs longest.
+    """
+    position = jnp.arange(keys.shape[0])
+    repeat = (keys[None, :] == keys[:, None]) & (position[None, :] < position[:, None])
+    first = (jnp.max(repeat.astype(jnp.int32), axis=1) == 0) & (keys < stop_key)
+    below = jnp.sum((first[None, :] & (keys[None, :] < keys[:, None])).astype(jnp.int32), axis=1)
+    return jnp.min(jnp.where(first & (below == n), keys, stop_key))
 
 
 def _for_each_run(keys: jax.Array, stop_key: int, body, carry, *, group=0, groups: int = 1):
@@ -115,29 +123,39 @@ def _for_each_run(keys: jax.Array, stop_key: int, body, carry, *, group=0, group
     return lax.while_loop(lambda state: state[0] < stop_key, step, start)[2]
 
 
-def _over_rank_blocks(rank, rank_buffer: int, block_r: int, body, carry):
-    """carry = body(r_idx, r_ok, carry) for each rank block below `rank`.
+def _over_rank_blocks(rank, has_adapter, rank_buffer: int, block_r: int, body, carry):
+    """carry = body(r_idx, r_ok, carry) for the first rank block when `has_adapter` (True: always)
+    and each further rank block below `rank`.
 
-    A static loop of conds rather than an scf.for: Triton would software-pipeline a loop, and in an
-    epilogue that only buys shared-memory buffers (which ran out at prefill tiles) for one trip.
+    The first block does not wait for the rank: its load would sit between the slot loads and A's
+    (a dependent memory latency, on the critical path of a decode call), and r_ok zeroes whatever
+    lies past the rank anyway (rank 0 gives an exact zero). A static loop of conds rather than an
+    scf.for: Triton would software-pipeline a loop, and in an epilogue that only buys shared-memory
+    buffers (which ran out at prefill tiles) for one trip.
     """
     for rank_block in range(pl.cdiv(rank_buffer, block_r)):
         r_idx = rank_block * block_r + jnp.arange(block_r)
         step = functools.partial(body, r_idx, r_idx < rank)
-        carry = lax.cond(rank_block * block_r < rank, step, lambda c: c, carry)
+        live = has_adapter if rank_block == 0 else rank_block * block_r < rank
+        carry = step(carry) if live is True else lax.cond(live, step, lambda c: c, carry)
     return carry
 
 
 def _expand_run(acc, key, in_run, n_idx, n_ok, ranks_ref, b_ref, xa_block, *, block_r: int, num_slots: int):
     """acc[rows of the run] += xa_block(key, in_run, r_idx, r_ok) @ B[key, :rank, n_idx], rank-blocked."""
-    rank = jnp.where(key < num_slots, ranks_ref[jnp.minimum(key, num_slots - 1)], 0)
+    has_adapter = key < num_slots
+    rank = jnp.where(has_adapter, ranks_ref[jnp.minimum(key, num_slots - 1)], 0)
 
     def rank_block(r_idx, r_ok, acc):
+        # B is loaded whole along the rank and the rows past it are zeroed after the load (NaN
+        # included): the load then waits for the key alone, not for the rank, and is unmasked
+        # along the rank. (Issuing it before xa's loads sped decode up by 3-5% but cost prefill 5%
+        # on the H100: PERF.md round 5.)
         xa = xa_block(key, in_run, r_idx, r_ok)
-        b = _load(b_ref, key, r_idx[:, None], n_idx[None, :], mask=_edge_mask(r_ok, n_ok))
-        return acc + _dot(xa.astype(b.dtype), b)
+        b = _load(b_ref, key, r_idx[:, None], n_idx[None, :], mask=_edge_mask(_tail(r_idx, b_ref.shape[1]), n_ok))
+        return acc + _dot(xa.astype(b.dtype), jnp.where(r_ok[:, None], b, 0))
 
-    return _over_rank_blocks(rank, b_ref.shape[1], block_r, rank_block, acc)
+    return _over_rank_blocks(rank, has_adapter, b_ref.shape[1], block_r, rank_block, acc)
 
 
 def _shrink_block(x_ref, a_ref, rows, in_run, key, r_idx, r_ok, k_start, k_stop, *, block_k: int) -> jax.Array:
@@ -248,7 +266,7 @@ def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
             plgpu.store(xa_ref.at[split, rows[:, None], r_idx[None, :]], acc * scale, mask=in_run[:, None])
             return carry
 
-        return _over_rank_blocks(rank, a_ref.shape[2], br, rank_block, carry)
+        return _over_rank_blocks(rank, True, a_ref.shape[2], br, rank_block, carry)
 
     _for_each_run(keys, num_slots, run, jnp.int32(0), group=group, groups=tiles.split_runs)
 

@@ -160,8 +160,9 @@ def heuristic(key: ShapeKey, backend: str) -> Tiles:
     holds a few runs (requests are token ranges), each one tensor-core dot.
 
     The one-kernel delta (fuse_shrink) is left to the tuned table: on the H100 it won only at T = 32
-    (PERF.md rounds 3 and 4; there the table also serves the fused projection as cuBLAS + one kernel)
-    and lost at T = 256; `tune` tries it with its own tiles (tune.ONE_KERNEL).
+    with the tiles of PERF.md rounds 3 and 4, lost at T = 256, and lost at T = 32 too once the two
+    kernels had split_k 4 and block_n 256 (round 5, which the table now holds); `tune` tries it with
+    its own tiles (tune.ONE_KERNEL).
 
     TPU: token tiles follow the mean segment length T / adapters over the padded slot-sorted layout;
     the shrink is fused into the projection up to FUSE_SHRINK_MAX_TOKENS (see Tiles).
