@@ -5,9 +5,11 @@
 
 For each workload of the grid (the anchor shapes of BENCHMARKS.md, or --shape) and each operation (the
 delta, batched_lora, and the fused projection, lora_projection: separate keys, since a GEMM wants
-other tiles), the heuristic's tiles, the one-kernel delta's (GPU) and one-step neighbours (each knob
-doubled or halved, each switch flipped; fitted and deduplicated) are timed as the benchmark times
-them, inside one jitted loop each, captured as a CUDA graph (`timing.py`). Entries are keyed as calls
+other tiles), tiles are timed as the benchmark times them, inside one jitted loop each, captured as
+a CUDA graph (`timing.py`): first half of --max-candidates as seeds (the heuristic's tiles, the
+one-kernel delta's on GPU, and their one-step neighbours: each knob doubled or halved, each switch
+flipped; fitted and deduplicated), then a hill climb from the fastest through its one-step
+neighbours, for the rest of the timings or until none is faster (`climb`). Entries are keyed as calls
 look them up (`tiles.call_key`: adapters = min(pool, T)), so workloads that differ only in their
 distinct adapters share a key, and its winner is the fastest summed over them. Candidates that fail to
 compile or launch (shared memory, registers) are skipped. With --update the table at --out keeps its
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+from collections.abc import Callable
 
 import jax
 from tqdm import tqdm
@@ -65,11 +68,52 @@ def candidates(key: ShapeKey, backend: str, limit: int, incumbent: Tiles | None 
             found.append(fit(dataclasses.replace(first, **{switch: not getattr(first, switch)}), key, backend))
     if backend == "pallas_gpu":
         found += [one_kernel(first, key, backend, **variant) for variant in ONE_KERNEL_VARIANTS]
-    for knob in KNOBS[backend]:
-        value = getattr(first, knob)
-        for other in (value * 2, value // 2) if knob != "num_stages" else (value + 1, value - 1):
-            found.append(fit(dataclasses.replace(first, **{knob: max(1, other)}), key, backend))
+    found += knob_neighbours(first, key, backend)
     return list(dict.fromkeys(found))[:limit]
+
+
+def knob_neighbours(tiles: Tiles, key: ShapeKey, backend: str) -> list[Tiles]:
+    """`tiles` with one knob doubled or halved (num_stages: one more or fewer), fitted."""
+    found = []
+    for knob in KNOBS[backend]:
+        value = getattr(tiles, knob)
+        for other in (value * 2, value // 2) if knob != "num_stages" else (value + 1, value - 1):
+            found.append(fit(dataclasses.replace(tiles, **{knob: max(1, other)}), key, backend))
+    return [t for t in dict.fromkeys(found) if t != tiles]
+
+
+def neighbours(tiles: Tiles, key: ShapeKey, backend: str) -> list[Tiles]:
+    """What `climb` steps to: one knob changed (`knob_neighbours`) or one switch flipped."""
+    flipped = [fit(dataclasses.replace(tiles, **{switch: not getattr(tiles, switch)}), key, backend)
+               for switch in SWITCHES[backend]]
+    return [t for t in dict.fromkeys(knob_neighbours(tiles, key, backend) + flipped) if t != tiles]
+
+
+def climb(measure: Callable[[Tiles], float], seeds: list[Tiles], neighbours_of: Callable[[Tiles], list[Tiles]],
+          limit: int) -> tuple[float, Tiles]:
+    """The fastest tiles found within `limit` timings: the seeds, then a first-improvement hill climb
+    from the fastest so far through its untimed neighbours, until a whole neighbourhood is slower.
+
+    Winners can lie several knobs away from every seed (H100, PERF.md round 5: the T = 32 delta's
+    best tiles were three knobs from the heuristic's), which a list of one-knob neighbours misses.
+    """
+    timed: dict[Tiles, float] = {}
+    for tiles in seeds[:limit]:
+        timed.setdefault(tiles, measure(tiles))
+    best = min(timed, key=timed.__getitem__)
+    while len(timed) < limit:
+        for tiles in neighbours_of(best):
+            if tiles in timed:
+                continue
+            if len(timed) == limit:
+                break
+            timed[tiles] = measure(tiles)
+            if timed[tiles] < timed[best]:
+                best = tiles
+                break
+        else:
+            break  # every neighbour of the best has been timed, and none was faster
+    return timed[best], best
 
 
 def shape_grid(quick: bool, shapes: list[tuple[int, int, int]] | None = None) -> list[Workload]:
@@ -99,7 +143,8 @@ def main(argv: list[str] | None = None) -> TileTable:
                         help="tune these workloads instead of the grid (repeatable)")
     parser.add_argument("--update", action="store_true",
                         help="keep --out's other entries, and time each tuned key's current entry too")
-    parser.add_argument("--max-candidates", type=int, default=None)
+    parser.add_argument("--max-candidates", type=int, default=None,
+                        help="timings per key (half of them seeds, the rest a hill climb); default 24")
     parser.add_argument("--calls", type=int, default=None, help="iterations per timed loop")
     parser.add_argument("--per-iteration", type=int, default=timing.PER_ITERATION, help="calls per iteration")
     parser.add_argument("--no-graphs", action="store_true", help="launch kernels from the host (no CUDA graph)")
@@ -110,7 +155,7 @@ def main(argv: list[str] | None = None) -> TileTable:
     if backend == "reference":
         parser.error("no GPU or TPU here: pass --backend pallas_gpu/pallas_tpu with --interpret")
     args.calls = args.calls or (1 if args.quick else 25)
-    limit = args.max_candidates or (2 if args.quick else 12)
+    limit = args.max_candidates or (2 if args.quick else 24)
 
     table = TileTable(jax.devices()[0].device_kind, backend, jax.__version__)
     out = args.out or table_path(table.device_kind)
@@ -126,30 +171,34 @@ def main(argv: list[str] | None = None) -> TileTable:
     for workload in workloads:
         for fused in (False, True):
             served.setdefault(workload.key(fused), []).append(workload)
-    tried = {key: candidates(key, backend, limit, kept.get(key) if args.update else None) for key in served}
-    jobs = [(workload, key, tiles) for workload in workloads
-            for key in dict.fromkeys(workload.key(fused) for fused in (False, True)) for tiles in tried[key]]
     times: dict[ShapeKey, dict[Tiles, dict[Workload, float]]] = {key: {} for key in served}
-    best: dict[ShapeKey, tuple[float, Tiles]] = {}
-    data_for, data = None, []  # one workload's inputs live at a time
-    for workload, key, tiles in tqdm(jobs, desc=f"tune {backend}", unit="tile"):
-        if data_for != workload:
-            copies = timing.copies_past_cache(workload.copy_bytes(), max_copies=1 if args.quick else 4)
-            data_for, data = workload, [workload.arrays(seed) for seed in range(copies)]
-        try:
-            seconds = _time_tiles(data, key, tiles, backend, args)
-        except Exception as error:  # noqa: BLE001 - a tile the device cannot run is just a loser
-            print(f"{workload} {key} {tiles}: skipped, {type(error).__name__}: {str(error)[:200]}")
-            seconds = float("inf")
-        tqdm.write(f"T{workload.tokens}-r{workload.rank}-a{workload.adapters} {key} {tiles}: {seconds * 1e6:.1f} us")
-        timed = times[key].setdefault(tiles, {})
-        timed[workload] = seconds
-        total = sum(timed.values())
-        if len(timed) == len(served[key]) and total < float("inf") and (key not in best or total < best[key][0]):
-            best[key] = (total, tiles)
-            table.entries[key] = tiles
-            table.save(out)  # as it goes, so that a run cut short keeps its winners
-    for key, (seconds, tiles) in best.items():
+    best: dict[ShapeKey, Tiles] = {}
+    progress = tqdm(total=limit * len(served), desc=f"tune {backend}", unit="tile")
+    for key, users in served.items():
+        # This key's workloads' inputs live while it is tuned.
+        data = {w: [w.arrays(seed) for seed in range(timing.copies_past_cache(
+            w.copy_bytes(), max_copies=1 if args.quick else 4))] for w in users}
+
+        def measure(tiles: Tiles, key=key, users=users, data=data) -> float:
+            each = {}
+            for workload in users:
+                try:
+                    each[workload] = _time_tiles(data[workload], key, tiles, backend, args)
+                except Exception as error:  # noqa: BLE001 - a tile the device cannot run is just a loser
+                    tqdm.write(f"{workload} {tiles}: skipped, {type(error).__name__}: {str(error)[:200]}")
+                    each[workload] = float("inf")
+            times[key][tiles] = each
+            progress.update()
+            tqdm.write(f"{key} {tiles}: " + ", ".join(f"a{w.adapters} {t * 1e6:.1f}" for w, t in each.items()) + " us")
+            return sum(each.values())
+
+        seeds = candidates(key, backend, max(2, limit // 2), kept.get(key) if args.update else None)
+        seconds, tiles = climb(measure, seeds, lambda t, key=key: neighbours(t, key, backend), limit)
+        if seconds < float("inf"):
+            best[key] = table.entries[key] = tiles
+            table.save(out)  # key by key, so that a run cut short keeps its winners
+    progress.close()
+    for key, tiles in best.items():
         each = ", ".join(f"a{w.adapters} {times[key][tiles][w] * 1e6:.1f}" for w in served[key])
         print(f"{key} -> {tiles} ({each} us){'' if kept.get(key) != tiles else ' (kept)'}")
     print(f"wrote {len(table.entries)} entries to {out} ({len(best)} tuned)")

@@ -157,3 +157,30 @@ def test_tune_tries_wide_d_out_tiles_for_the_one_kernel_delta(key):
     assert all(t.xla_base == key.fused for t in found)
     short = tune.candidates(key, "pallas_gpu", limit=5)  # the flipped twins alone include the one kernel
     assert any(t.fuse_shrink and t.block_n == min(1024, max(16, 1 << (key.d_out - 1).bit_length())) for t in short)
+
+
+def test_tune_climbs_to_tiles_several_knobs_from_every_seed():
+    """`climb` reaches the fastest tiles of a cost with one minimum three knobs away from the
+    heuristic's tiles (as the H100's T = 32 delta entry was, PERF.md round 5), which no seed is,
+    within its budget of timings, and never times more than that budget or the same tiles twice."""
+    key = ShapeKey.of(32, 4096, 4096, 16, 64)
+    start = heuristic(key, "pallas_gpu")
+    target = fit(dataclasses.replace(start, split_k=start.split_k // 2, block_k=start.block_k * 2,
+                                     block_n=start.block_n * 2), key, "pallas_gpu")
+    knobs = ("split_k", "block_k", "block_n", "block_t", "split_runs", "num_warps", "num_stages")
+    switches = ("sort", "expand_rows", "xla_base", "fuse_shrink")
+
+    def cost(tiles):  # log2 distance to the target, switches weighing most
+        timed.append(tiles)
+        distance = sum(abs(math.log2(getattr(tiles, k)) - math.log2(getattr(target, k))) for k in knobs)
+        return distance + 10 * sum(getattr(tiles, s) != getattr(target, s) for s in switches)
+
+    seeds = tune.candidates(key, "pallas_gpu", limit=12)
+    assert target not in seeds
+    timed = []
+    seconds, found = tune.climb(cost, seeds, lambda t: tune.neighbours(t, key, "pallas_gpu"), limit=40)
+    assert found == target and seconds == 0
+    assert len(timed) == len(set(timed)) <= 40
+    timed = []
+    tune.climb(cost, seeds, lambda t: tune.neighbours(t, key, "pallas_gpu"), limit=14)
+    assert len(timed) == 14
