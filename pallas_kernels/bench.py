@@ -7,7 +7,8 @@ kernel's time and its multiple of the floor, the stock-JAX formulations as multi
 and fused (base + delta) / base; also the time of a one-kernel call, the floor of any timed call.
 Every time, every column alike, comes from many calls inside one jitted loop captured as a CUDA
 graph (`timing.py`; --no-graphs launches each kernel from the host instead). Prints a Markdown table
-and writes bench.md and bench.json to --out.
+and writes bench.md and bench.json to --out. Rows of the anchor shapes themselves are also compared
+with vLLM's kernels, and each of BENCHMARKS.md's targets is printed as met or not.
 `--quick --interpret` shrinks every shape so the script runs on CPU; its times there mean nothing.
 """
 from __future__ import annotations
@@ -33,6 +34,15 @@ QUICK = {"decode-few": (8, 8, 2), "decode-many": (8, 8, 8), "decode-large": (32,
          "decode-large-r64": (32, 16, 8), "prefill": (64, 16, 2)}
 COLUMNS = ["case", "T", "rank", "distinct", "floor us", "kernel us", "kernel / floor",
            *(f"{name} / floor" for name in baselines.FORMULATIONS), "base us", "fused us", "fused / base"]
+# vLLM 0.33's Triton LoRA kernels (lora_shrink + lora_expand) at the anchor shapes on an H100, us, by
+# CUDA-graph replay (BENCHMARKS.md); a row is compared with them only where it is that very shape.
+VLLM_US = {"decode-few": 8.6, "decode-many": 14.8, "decode-large": 23.6, "decode-large-r64": 35.6, "prefill": 297.0}
+TABLE_COLUMNS = [*COLUMNS, "vLLM / kernel"]
+# BENCHMARKS.md's targets for this project's kernels, by anchor.
+FLOOR_MULTIPLE = {"decode-large": 1.5, "decode-large-r64": 1.5, "prefill": 1.5}  # kernel / floor at most
+LAUNCH_BOUND_US = {"decode-few": 3.0, "decode-many": 3.0}  # kernel us at most (floors under 2 us)
+VLLM_SPEEDUP = dict.fromkeys(ANCHORS, 1.5)  # vLLM / kernel at least
+FUSED_OVER_BASE = {"decode-few": 1.10, "prefill": 1.05}  # fused / base at most
 
 
 def _workloads(args) -> dict[str, Workload]:
@@ -63,15 +73,52 @@ def _measure(name: str, workload: Workload, bandwidth: float, args) -> dict:
     row["base us"] = time(lambda x, w: x @ w, ("x", "w"))
     row["fused us"] = time(lambda x, w, *rest: api.lora_projection(x, w, *rest, **kw), ("x", "w", *lora_keys[1:]))
     row["fused / base"] = row["fused us"] / row["base us"]
+    row["vLLM / kernel"] = None if vllm_us(name, workload) is None else vllm_us(name, workload) / kernel_us
     return row
 
 
-def markdown(rows: list[dict]) -> str:
-    def cell(value) -> str:
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
+def vllm_us(name: str, workload: Workload) -> float | None:
+    """vLLM's time for this case, or None unless it is the anchor shape of that name (d 4096, pool 64)."""
+    anchor = name in ANCHORS and (workload.tokens, workload.rank, workload.adapters) == ANCHORS[name] and (
+        workload.d_in, workload.d_out, workload.pool) == (4096, 4096, 64)
+    return VLLM_US[name] if anchor else None
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "| " + " | ".join("---" for _ in COLUMNS) + " |"]
-    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Each BENCHMARKS.md target that the anchor rows (those with a vLLM figure) bear on: what it
+    asks, the measured value, and whether it is met."""
+    found = []
+
+    def check(case, target, value, met):
+        found.append({"case": case, "target": target, "value": value, "met": bool(met)})
+
+    for row in rows:
+        case = row["case"]
+        if row.get("vLLM / kernel") is None:
+            continue
+        if case in FLOOR_MULTIPLE:
+            check(case, f"kernel / floor <= {FLOOR_MULTIPLE[case]}", row["kernel / floor"],
+                  row["kernel / floor"] <= FLOOR_MULTIPLE[case])
+        if case in LAUNCH_BOUND_US:
+            check(case, f"kernel us <= {LAUNCH_BOUND_US[case]}", row["kernel us"], row["kernel us"] <= LAUNCH_BOUND_US[case])
+        check(case, f"vLLM / kernel >= {VLLM_SPEEDUP[case]}", row["vLLM / kernel"],
+              row["vLLM / kernel"] >= VLLM_SPEEDUP[case])
+        if case in FUSED_OVER_BASE:
+            check(case, f"fused / base <= {FUSED_OVER_BASE[case]}", row["fused / base"],
+                  row["fused / base"] <= FUSED_OVER_BASE[case])
+    return found
+
+
+def markdown(rows: list[dict], met: list[dict]) -> str:
+    """The table (vLLM / kernel is '-' where a row is no anchor shape), then the targets' lines."""
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "| " + " | ".join("---" for _ in TABLE_COLUMNS) + " |"]
+    lines += ["| " + " | ".join(cell(row[c]) for c in TABLE_COLUMNS) + " |" for row in rows]
+    if met:
+        lines += ["", f"Targets (BENCHMARKS.md): {sum(t['met'] for t in met)} of {len(met)} met"]
+        lines += [f"- {t['case']}: {t['target']}: {cell(t['value'])}, {'met' if t['met'] else 'NOT met'}" for t in met]
     return "\n".join(lines)
 
 
@@ -102,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
               "backend": api.resolve_backend(args.backend), "interpret": args.interpret,
               "copy_bandwidth_GBps": bandwidth / 1e9, "tiny_call_us": call_us, "cuda_graphs": not args.no_graphs,
-              "calls_per_iteration": args.per_iteration, "rows": rows}
-    table = markdown(rows)
+              "calls_per_iteration": args.per_iteration, "rows": rows, "targets": targets(rows)}
+    table = markdown(rows, result["targets"])
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s on {result['device_kind']} ({result['backend']}); "
           f"a one-kernel call times {call_us:.2f} us here (the timing floor; "
           f"{'no ' if args.no_graphs else ''}CUDA graphs, {args.per_iteration} calls per iteration)")

@@ -8,6 +8,7 @@ import pallas_kernels as pk
 from pallas_kernels import api, bench, tune
 from pallas_kernels import tiles as tiles_module
 from pallas_kernels.tiles import ShapeKey, TileTable
+from pallas_kernels.workload import Workload
 from tests.pallas_kernels.numpy_reference import lora_delta_f64, relative_error
 
 LORA_ARGS = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
@@ -58,3 +59,36 @@ def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     for row in written["rows"]:
         assert set(bench.COLUMNS) <= set(row)
         assert all(np.isfinite(row[c]) and row[c] > 0 for c in bench.COLUMNS[4:])
+        assert row["vLLM / kernel"] is None  # tiny shapes: no vLLM figure applies, so no target either
+    assert written["targets"] == [] and "Targets" not in printed
+
+
+def test_bench_compares_only_the_anchor_shapes_with_vllm():
+    assert bench.vllm_us("decode-few", Workload(32, 4096, 4096, 16, 4)) == 8.6
+    assert bench.vllm_us("prefill", Workload(4096, 4096, 4096, 64, 4)) == 297.0
+    assert bench.vllm_us("decode-few", Workload(32, 4096, 4096, 16, 4, pool=8)) is None
+    assert bench.vllm_us("decode-few", Workload(8, 128, 128, 8, 2, pool=8)) is None  # --quick's decode-few
+    assert bench.vllm_us("T32-r16-a4", Workload(32, 4096, 4096, 16, 4)) is None
+
+
+def test_bench_targets_are_those_of_benchmarks_md():
+    """Rows as the H100 measured them (PERF.md round 5, rounded): what each target reads and asks."""
+    def row(case, floor, kernel, fused_over_base):
+        return {"case": case, "floor us": floor, "kernel us": kernel, "kernel / floor": kernel / floor,
+                "fused / base": fused_over_base, "vLLM / kernel": bench.VLLM_US[case] / kernel}
+
+    rows = [row("decode-few", 0.53, 8.84, 1.47), row("decode-many", 1.75, 10.4, 1.63),
+            row("decode-large", 4.21, 21.5, 1.93), row("prefill", 23.9, 90.6, 1.58),
+            {**row("decode-large-r64", 12.6, 33.2, 2.4), "vLLM / kernel": None}]  # not the anchor shape
+    found = {(t["case"], t["target"]): t["met"] for t in bench.targets(rows)}
+    assert found == {
+        ("decode-few", "kernel us <= 3.0"): False, ("decode-few", "vLLM / kernel >= 1.5"): False,
+        ("decode-few", "fused / base <= 1.1"): False,
+        ("decode-many", "kernel us <= 3.0"): False, ("decode-many", "vLLM / kernel >= 1.5"): False,
+        ("decode-large", "kernel / floor <= 1.5"): False, ("decode-large", "vLLM / kernel >= 1.5"): False,
+        ("prefill", "kernel / floor <= 1.5"): False, ("prefill", "vLLM / kernel >= 1.5"): True,
+        ("prefill", "fused / base <= 1.05"): False,
+    }
+    fast = row("decode-few", 0.53, 2.5, 1.05)
+    assert all(t["met"] for t in bench.targets([fast])) and len(bench.targets([fast])) == 3
+    assert "Targets (BENCHMARKS.md): 1 of 10 met" in bench.markdown([], bench.targets(rows))
