@@ -248,10 +248,13 @@ def _sort_kernel(slot_ref, order_ref, *, num_slots: int):
 
 
 def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
-    order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref) = _split_refs(refs, tiles.sort)
+    """With tiles.atomic_split_k the last operand is the zeroed xa, aliased to the output."""
+    order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, *_, xa_ref) = _split_refs(refs, tiles.sort)
     tile, group, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bt, bk, br = tiles.block_t, tiles.block_k, tiles.block_r
-    rows, _, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
+    rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
+    # Distinct rows for the atomic adds: rows past the end get their own padding rows of xa.
+    padded_rows = jnp.where(valid, rows, tile * bt + jnp.arange(bt))
     k_blocks = math.ceil(x_ref.shape[1] / bk)
     per_split = math.ceil(k_blocks / tiles.split_k)
     k_start = split * per_split
@@ -263,7 +266,13 @@ def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
         def rank_block(r_idx, r_ok, carry):
             # An empty split (k_start >= k_stop) still stores its zero partial: expand reads every split.
             acc = _shrink_block(x_ref, a_ref, rows, in_run, key, r_idx, r_ok, k_start, k_stop, block_k=bk)
-            plgpu.store(xa_ref.at[split, rows[:, None], r_idx[None, :]], acc * scale, mask=in_run[:, None])
+            if tiles.atomic_split_k:
+                # Every row of the tile adds, the rows outside the run exactly 0 (interpret mode's
+                # atomics take no mask): one code path for both.
+                plgpu.atomic_add(xa_ref, (0, padded_rows[:, None], r_idx[None, :]),
+                                 jnp.where(in_run[:, None], acc * scale, 0))
+            else:
+                plgpu.store(xa_ref.at[split, rows[:, None], r_idx[None, :]], acc * scale, mask=in_run[:, None])
             return carry
 
         return _over_rank_blocks(rank, True, a_ref.shape[2], br, rank_block, carry)
@@ -360,14 +369,20 @@ def _order(slot_ids, num_slots: int, tiles: Tiles, interpret: bool) -> list:
 
 
 def _shrink(order: list, x, a_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
-    """Scaled x @ A per token as split-K partials (split_k, T, R padded to block_r), float32."""
+    """Scaled x @ A per token as split-K partials (split_k, T, R padded to block_r), float32; with
+    tiles.atomic_split_k their sum, added up by atomics in a zeroed (1, T padded to block_t, R) xa."""
     num_slots, _, rank_buffer = a_pool.shape
     num_tokens = x.shape[0]
-    out = jax.ShapeDtypeStruct((tiles.split_k, num_tokens, pl.cdiv(rank_buffer, tiles.block_r) * tiles.block_r),
-                               jnp.float32)
+    kernel = functools.partial(_shrink_kernel, tiles=tiles, num_slots=num_slots)
+    padded_rank = pl.cdiv(rank_buffer, tiles.block_r) * tiles.block_r
     grid = (pl.cdiv(num_tokens, tiles.block_t), tiles.split_runs, tiles.split_k)
-    return _call(functools.partial(_shrink_kernel, tiles=tiles, num_slots=num_slots), grid, out, tiles,
-                 interpret, "atmm_shrink", *order, slot_ids, ranks, scales, x, a_pool)
+    operands = [*order, slot_ids, ranks, scales, x, a_pool]
+    if not tiles.atomic_split_k:
+        out = jax.ShapeDtypeStruct((tiles.split_k, num_tokens, padded_rank), jnp.float32)
+        return _call(kernel, grid, out, tiles, interpret, "atmm_shrink", *operands)
+    zeros = jnp.zeros((1, grid[0] * tiles.block_t, padded_rank), jnp.float32)
+    return _call(kernel, grid, jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), tiles, interpret, "atmm_shrink",
+                 *operands, zeros, input_output_aliases={len(operands): 0})
 
 
 def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Tiles,

@@ -33,8 +33,11 @@ class Tiles:
     than in natural order: fewer adapters per tile, one more launch); split_runs (programs sharing
     the adapter runs of one token tile); expand_rows (expand by per-row gathers of B instead of one
     dot per adapter run); xla_base (lora_projection only: base GEMM by XLA, delta added by the
-    expand, instead of the Pallas GEMM with the expand as epilogue). lora_projection's GEMM always
-    walks natural-order tiles; sort there orders its shrink only. See gpu.py.
+    expand, instead of the Pallas GEMM with the expand as epilogue); atomic_split_k (the shrink adds
+    its split-K partials into one zeroed xa with atomics, so that each expand program reads one
+    partial instead of split_k: at prefill the re-read partials are the largest traffic, PERF.md).
+    lora_projection's GEMM always walks natural-order tiles; sort there orders its shrink only. See
+    gpu.py.
 
     fuse_shrink: compute x @ A inside the kernel that writes y instead of in a separate shrink
     kernel, so one kernel runs, but every d_out tile recomputes the shrink: a win while the call is
@@ -57,6 +60,7 @@ class Tiles:
     split_runs: int = 1
     expand_rows: bool = False
     xla_base: bool = False
+    atomic_split_k: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,19 +121,21 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
         xla_base = tiles.xla_base and key.fused
         fuse_shrink = tiles.fuse_shrink and (xla_base or not key.fused)  # the Pallas GEMM has no fused shrink
         split_runs = min(block_t, key.adapters + 1)  # a tile's runs: its rows, the slots and "no adapter"
+        split_k = 1 if fuse_shrink else max(1, min(tiles.split_k, max_split))
         return dataclasses.replace(
             tiles,
             block_t=block_t,
             block_k=block_k,
             block_r=gpu_dim(tiles.block_r, key.rank),
             block_n=gpu_dim(tiles.block_n, key.d_out),
-            split_k=1 if fuse_shrink else max(1, min(tiles.split_k, max_split)),
+            split_k=split_k,
             num_warps=_prev_pow2(min(max(tiles.num_warps, 1), 16)),
             num_stages=max(1, tiles.num_stages),
             fuse_shrink=fuse_shrink,
             split_runs=split_runs if fuse_shrink else max(1, min(tiles.split_runs, split_runs)),
             expand_rows=tiles.expand_rows and not fuse_shrink,
             xla_base=xla_base,
+            atomic_split_k=tiles.atomic_split_k and split_k > 1,
         )
     if backend == "pallas_tpu":
         # Token tiles of 16 keep bf16 (16, 128) sublane packing; the padded token layout is a
@@ -142,6 +148,7 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             block_r=_largest_aligned_divisor(key.rank, tiles.block_r, TPU_LANES),
             block_n=_largest_aligned_divisor(key.d_out, tiles.block_n, TPU_LANES),
             split_k=1, num_warps=4, num_stages=3, sort=False, split_runs=1, expand_rows=False, xla_base=False,
+            atomic_split_k=False,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 

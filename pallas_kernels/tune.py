@@ -33,7 +33,8 @@ from pallas_kernels.workload import Workload
 
 GRID = [(32, 16, 4), (32, 16, 32), (256, 16, 32), (256, 64, 32), (4096, 64, 4)]  # (T, rank, adapters)
 QUICK_GRID = [(16, 16, 2), (16, 16, 8), (64, 16, 2)]  # the first two share a key (pool of 8)
-SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink"), "pallas_tpu": ("fuse_shrink",)}
+SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink", "atomic_split_k"),
+            "pallas_tpu": ("fuse_shrink",)}
 KNOBS = {"pallas_gpu": ("block_n", "split_k", "block_t", "split_runs", "num_warps", "num_stages", "block_k"),
          "pallas_tpu": ("block_t", "block_k", "block_n")}
 

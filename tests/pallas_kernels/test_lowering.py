@@ -32,7 +32,8 @@ def _kernels(backend: str, fused: bool, tiles) -> list[str]:
 
 VARIANTS = [(backend, fused, variant) for backend in TARGETS
             for fused, variant in [(False, None), (True, None), (True, "flipped")]] + [
-    ("pallas_gpu", False, "one-kernel"), ("pallas_gpu", True, "one-kernel")]
+    ("pallas_gpu", False, "one-kernel"), ("pallas_gpu", True, "one-kernel"), ("pallas_gpu", False, "atomic-split-k"),
+    ("pallas_gpu", True, "atomic-split-k")]
 
 
 @pytest.mark.parametrize("backend, fused, variant", VARIANTS,
@@ -40,8 +41,8 @@ VARIANTS = [(backend, fused, variant) for backend in TARGETS
 @pytest.mark.parametrize("tokens, rank", [(32, 16), (512, 256)])
 def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, variant):
     """Heuristic tiles at both sizes, with the size-dependent choice flipped (GPU: sort, TPU:
-    fuse_shrink), and GPU's one-kernel delta (alone and after XLA's base GEMM), so every kernel
-    variant lowers."""
+    fuse_shrink), GPU's one-kernel delta (alone and after XLA's base GEMM) and its shrink with
+    atomic split-K, so every kernel variant lowers."""
     platform, kind, custom_call = TARGETS[backend]
     d_in, d_out, slots = 1024, 2048, 8
     spec = jax.ShapeDtypeStruct
@@ -54,6 +55,9 @@ def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, variant
         tiles = dataclasses.replace(tiles, **{flipped: not getattr(tiles, flipped)})
     elif variant == "one-kernel":
         tiles = fit(dataclasses.replace(tiles, fuse_shrink=True, xla_base=fused), key, backend)
+    elif variant == "atomic-split-k":
+        tiles = fit(dataclasses.replace(tiles, atomic_split_k=True, split_k=max(2, tiles.split_k)), key, backend)
+        assert tiles.atomic_split_k
     static = dict(backend=backend, tiles=tiles, interpret=False)
     if fused:
         fn = lambda x, w, *rest: api._lora_projection(x, w, *rest, **static)  # noqa: E731

@@ -29,6 +29,7 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
         assert tiles.num_warps & (tiles.num_warps - 1) == 0 and tiles.num_stages >= 1
         assert 1 <= tiles.split_runs <= tiles.block_t
         assert key.fused or not tiles.xla_base
+        assert not tiles.atomic_split_k or (tiles.split_k > 1 and not tiles.fuse_shrink)
         if tiles.fuse_shrink:  # the one-kernel delta: one run per program, no split-K, not in the Pallas GEMM
             assert tiles.split_runs == min(tiles.block_t, key.adapters + 1) and tiles.split_k == 1
             assert not tiles.expand_rows and (tiles.xla_base or not key.fused)
