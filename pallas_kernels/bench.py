@@ -73,7 +73,8 @@ def _measure(name: str, workload: Workload, bandwidth: float, args) -> dict:
     row["base us"] = time(lambda x, w: x @ w, ("x", "w"))
     row["fused us"] = time(lambda x, w, *rest: api.lora_projection(x, w, *rest, **kw), ("x", "w", *lora_keys[1:]))
     row["fused / base"] = row["fused us"] / row["base us"]
-    row["vLLM / kernel"] = None if vllm_us(name, workload) is None else vllm_us(name, workload) / kernel_us
+    vllm = vllm_us(name, workload)
+    row["vLLM / kernel"] = None if vllm is None else vllm / kernel_us
     return row
 
 

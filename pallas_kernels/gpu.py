@@ -253,8 +253,8 @@ def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
     tile, group, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bt, bk, br = tiles.block_t, tiles.block_k, tiles.block_r
     rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
-    # Distinct rows for the atomic adds: rows past the end get their own padding rows of xa.
-    padded_rows = jnp.where(valid, rows, tile * bt + jnp.arange(bt))
+    if tiles.atomic_split_k:  # distinct rows for the atomic adds: rows past the end get padding rows of xa
+        padded_rows = jnp.where(valid, rows, tile * bt + jnp.arange(bt))
     k_blocks = math.ceil(x_ref.shape[1] / bk)
     per_split = math.ceil(k_blocks / tiles.split_k)
     k_start = split * per_split
