@@ -1,12 +1,13 @@
 """Benchmark ATMM against its byte floor, stock JAX, and the base projection it rides on.
 
-    python -m pallas_kernels.bench [--out DIR] [--shape T,RANK,ADAPTERS ...] [--quick --interpret]
+    python -m pallas_kernels.bench [--out DIR] [--shape T,RANK,ADAPTERS[,REQUESTS] ...] [--quick --interpret]
 
-Per anchor shape of BENCHMARKS.md: the byte floor from a copy bandwidth measured in the same run, the
-kernel's time and its multiple of the floor, the stock-JAX formulations as multiples of the floor,
-and fused (base + delta) / base; also the time of a one-kernel call, the floor of any timed call.
-Every time, every column alike, comes from many calls inside one jitted loop captured as a CUDA
-graph (`timing.py`; --no-graphs launches each kernel from the host instead). Prints a Markdown table
+Per anchor shape of BENCHMARKS.md (and prefill packed as whole requests, as serving packs it): the byte
+floor from a copy bandwidth measured in the same run, the kernel's time and its multiple of the floor,
+the stock-JAX formulations as multiples of the floor, and fused (base + delta) / base; also the time
+of a one-kernel call, the floor of any timed call. Every time, every column alike, comes from many
+calls inside one jitted loop captured as a CUDA graph (`timing.py`; --no-graphs launches each kernel
+from the host instead). Prints a Markdown table
 and writes bench.md and bench.json to --out. Rows of the anchor shapes themselves are also compared
 with vLLM's kernels, and each of BENCHMARKS.md's targets is printed as met or not.
 `--quick --interpret` shrinks every shape so the script runs on CPU; its times there mean nothing.
@@ -14,6 +15,7 @@ with vLLM's kernels, and each of BENCHMARKS.md's targets is printed as met or no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
@@ -32,6 +34,9 @@ ANCHORS = {  # name: (tokens, rank, adapters); d_in = d_out = 4096, pool of 64
 }
 QUICK = {"decode-few": (8, 8, 2), "decode-many": (8, 8, 8), "decode-large": (32, 8, 8),
          "decode-large-r64": (32, 16, 8), "prefill": (64, 16, 2)}
+# Not anchors (no vLLM figure, no target): an anchor with its tokens packed as contiguous requests, each
+# of one adapter, where the anchors draw every token's adapter on its own (`Workload.requests`).
+PACKED = {"prefill-8-requests": ("prefill", 8)}  # name: (anchor, requests)
 COLUMNS = ["case", "T", "rank", "distinct", "floor us", "kernel us", "kernel / floor",
            *(f"{name} / floor" for name in baselines.FORMULATIONS), "base us", "fused us", "fused / base"]
 # vLLM 0.33's Triton LoRA kernels (lora_shrink + lora_expand) at the anchor shapes on an H100, us, by
@@ -47,11 +52,18 @@ FUSED_OVER_BASE = {"decode-few": 1.10, "prefill": 1.05}  # fused / base at most
 
 def _workloads(args) -> dict[str, Workload]:
     hidden, pool = (128, 8) if args.quick else (4096, 64)
-    shapes = dict(QUICK if args.quick else ANCHORS)
+    shapes = QUICK if args.quick else ANCHORS
+    found = {name: Workload(t, hidden, hidden, r, a, pool=pool) for name, (t, r, a) in shapes.items()}
+    found |= {name: dataclasses.replace(found[anchor], requests=requests)
+              for name, (anchor, requests) in PACKED.items()}
     for spec in args.shape:
-        tokens, rank, adapters = (int(v) for v in spec.split(","))
-        shapes[f"T{tokens}-r{rank}-a{adapters}"] = (tokens, rank, adapters)
-    return {name: Workload(t, hidden, hidden, r, a, pool=pool) for name, (t, r, a) in shapes.items()}
+        try:
+            workload = Workload.parse(spec, hidden, pool)
+        except ValueError as error:
+            raise SystemExit(f"--shape: {error}") from None
+        packed = "" if workload.requests is None else f"-{workload.requests}requests"
+        found[f"T{workload.tokens}-r{workload.rank}-a{workload.adapters}{packed}"] = workload
+    return found
 
 
 def _measure(name: str, workload: Workload, bandwidth: float, args) -> dict:
@@ -126,7 +138,8 @@ def markdown(rows: list[dict], met: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/pallas_kernels"))
-    parser.add_argument("--shape", action="append", default=[], help="extra case T,RANK,ADAPTERS")
+    parser.add_argument("--shape", action="append", default=[], metavar="T,RANK,ADAPTERS[,REQUESTS]",
+                        help="an extra case (repeatable); REQUESTS packs the tokens as that many requests")
     parser.add_argument("--backend", default="auto", choices=api.BACKENDS)
     parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")

@@ -1,9 +1,10 @@
 """Profile candidate tiles per shape class on this device and write the winners as a tile table.
 
-    python -m pallas_kernels.tune [--out configs/tiles/<device>.json] [--shape T,RANK,ADAPTERS ... --update]
+    python -m pallas_kernels.tune [--out configs/tiles/<device>.json] [--shape T,RANK,ADAPTERS[,REQUESTS] ... --update]
                                   [--backend B] [--quick --interpret]
 
-For each workload of the grid (the anchor shapes of BENCHMARKS.md, or --shape) and each operation (the
+For each workload of the grid (the anchor shapes of BENCHMARKS.md, prefill also packed as whole requests,
+and decode from a small pool; or --shape) and each operation (the
 delta, batched_lora, and the fused projection, lora_projection: separate keys, since a GEMM wants
 other tiles), tiles are timed as the benchmark times them, inside one jitted loop each, captured as
 a CUDA graph (`timing.py`): first half of --max-candidates as seeds (the heuristic's tiles, the
@@ -31,8 +32,16 @@ from pallas_kernels import api, timing
 from pallas_kernels.tiles import ShapeKey, Tiles, TileTable, fit, heuristic, table_path
 from pallas_kernels.workload import Workload
 
-GRID = [(32, 16, 4), (32, 16, 32), (256, 16, 32), (256, 64, 32), (4096, 64, 4)]  # (T, rank, adapters)
-QUICK_GRID = [(16, 16, 2), (16, 16, 8), (64, 16, 2)]  # the first two share a key (pool of 8)
+GRID = [Workload(tokens, 4096, 4096, rank, adapters, **kw) for tokens, rank, adapters, kw in [
+    (32, 16, 4, {}), (32, 16, 32, {}), (256, 16, 32, {}), (256, 64, 32, {}), (4096, 64, 4, {}),  # the anchors
+    # Serving packs a prefill batch as whole requests, each of one adapter; its tiles must suit both.
+    (4096, 64, 4, {"requests": 8}),
+    # Calls from a pool of a few slots would otherwise find the T = 32 entry of a 64-slot pool.
+    (32, 16, 4, {"pool": 8}),
+]]
+# The first two share a key (pool of 8), and so do the last two.
+QUICK_GRID = [Workload(tokens, 128, 128, 16, adapters, pool=8, requests=requests)
+              for tokens, adapters, requests in [(16, 2, None), (16, 8, None), (64, 2, None), (64, 2, 4)]]
 SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink", "atomic_split_k"),
             "pallas_tpu": ("fuse_shrink",)}
 KNOBS = {"pallas_gpu": ("block_n", "split_k", "block_t", "split_runs", "num_warps", "num_stages", "block_k"),
@@ -117,9 +126,10 @@ def climb(measure: Callable[[Tiles], float], seeds: list[Tiles], neighbours_of: 
     return timed[best], best
 
 
-def shape_grid(quick: bool, shapes: list[tuple[int, int, int]] | None = None) -> list[Workload]:
+def shape_grid(quick: bool, specs: list[str] = ()) -> list[Workload]:
+    """--shape's workloads ("T,RANK,ADAPTERS[,REQUESTS]", hidden and pool as the grid's), else the grid."""
     hidden, pool = (128, 8) if quick else (4096, 64)
-    return [Workload(t, hidden, hidden, r, a, pool=pool) for t, r, a in (shapes or (QUICK_GRID if quick else GRID))]
+    return [Workload.parse(spec, hidden, pool) for spec in specs] or (QUICK_GRID if quick else GRID)
 
 
 def _time_tiles(data: list[dict], key: ShapeKey, tiles: Tiles, backend: str, args) -> float:
@@ -140,8 +150,9 @@ def main(argv: list[str] | None = None) -> TileTable:
                         help="default: the backend of this device")
     parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode")
     parser.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke run)")
-    parser.add_argument("--shape", action="append", default=[], metavar="T,RANK,ADAPTERS",
-                        help="tune these workloads instead of the grid (repeatable)")
+    parser.add_argument("--shape", action="append", default=[], metavar="T,RANK,ADAPTERS[,REQUESTS]",
+                        help="tune these workloads instead of the grid (repeatable); REQUESTS packs the "
+                             "tokens as that many requests")
     parser.add_argument("--update", action="store_true",
                         help="keep --out's other entries, and time each tuned key's current entry too")
     parser.add_argument("--max-candidates", type=int, default=None,
@@ -166,8 +177,12 @@ def main(argv: list[str] | None = None) -> TileTable:
             table.entries = dict(stored.entries)
     kept = dict(table.entries)
     # Workloads whose calls look up the same key (T = 32 with 4 or 32 adapters of a 64-slot pool: the
-    # key holds min(N, T)) share one entry: its winner is the fastest over all of them (summed time).
-    workloads = shape_grid(args.quick, [tuple(int(v) for v in spec.split(",")) for spec in args.shape])
+    # key holds min(N, T); prefill with its tokens drawn at random or packed as requests) share one
+    # entry: its winner is the fastest over all of them (summed time).
+    try:
+        workloads = shape_grid(args.quick, args.shape)
+    except ValueError as error:
+        parser.error(f"--shape: {error}")
     served: dict[ShapeKey, list[Workload]] = {}
     for workload in workloads:
         for fused in (False, True):
@@ -190,17 +205,18 @@ def main(argv: list[str] | None = None) -> TileTable:
                     each[workload] = float("inf")
             times[key][tiles] = each
             progress.update()
-            tqdm.write(f"{key} {tiles}: " + ", ".join(f"a{w.adapters} {t * 1e6:.1f}" for w, t in each.items()) + " us")
+            tqdm.write(f"{key} {tiles}: " + ", ".join(f"{w.label} {t * 1e6:.1f}" for w, t in each.items()) + " us")
             return sum(each.values())
 
         seeds = candidates(key, backend, max(2, limit // 2), kept.get(key) if args.update else None)
         seconds, tiles = climb(measure, seeds, lambda t, key=key: neighbours(t, key, backend), limit)
+        progress.update(limit - len(times[key]))  # the climb may stop short of its budget
         if seconds < float("inf"):
             best[key] = table.entries[key] = tiles
             table.save(out)  # key by key, so that a run cut short keeps its winners
     progress.close()
     for key, tiles in best.items():
-        each = ", ".join(f"a{w.adapters} {times[key][tiles][w] * 1e6:.1f}" for w in served[key])
+        each = ", ".join(f"{w.label} {times[key][tiles][w] * 1e6:.1f}" for w in served[key])
         print(f"{key} -> {tiles} ({each} us){'' if kept.get(key) != tiles else ' (kept)'}")
     print(f"wrote {len(table.entries)} entries to {out} ({len(best)} tuned)")
     return table

@@ -11,7 +11,12 @@ from pallas_kernels.tiles import ShapeKey, call_key
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """One projection d_in -> d_out over T tokens drawn from `adapters` slots of an N-slot pool."""
+    """One projection d_in -> d_out over T tokens drawn from `adapters` slots of an N-slot pool.
+
+    `requests=None` draws every token's adapter on its own, as a decode batch holds one token per
+    request; `requests=n` packs the tokens as n contiguous requests of random lengths, each of one
+    adapter, as a prefill batch holds whole prompts.
+    """
 
     tokens: int
     d_in: int
@@ -20,6 +25,27 @@ class Workload:
     adapters: int
     pool: int = 64
     dtype: str = "bfloat16"
+    requests: int | None = None
+
+    def __post_init__(self):
+        if self.requests is not None and not 1 <= self.requests <= self.tokens:
+            raise ValueError(f"requests must be between 1 and tokens ({self.tokens}), got {self.requests}")
+
+    @classmethod
+    def parse(cls, spec: str, hidden: int, pool: int) -> Workload:
+        """A command line's "T,RANK,ADAPTERS[,REQUESTS]" as a hidden -> hidden workload."""
+        try:
+            tokens, rank, adapters, *requests = (int(v) for v in spec.split(","))
+            if len(requests) > 1:
+                raise ValueError("too many fields")
+        except ValueError as error:
+            raise ValueError(f"shape {spec!r} is not T,RANK,ADAPTERS[,REQUESTS] ({error})") from None
+        return cls(tokens, hidden, hidden, rank, adapters, pool=pool, requests=requests[0] if requests else None)
+
+    @property
+    def label(self) -> str:
+        """The adapter mix, for progress lines: "a4", or "a4 in 8 requests"."""
+        return f"a{self.adapters}" + ("" if self.requests is None else f" in {self.requests} requests")
 
     def arrays(self, seed: int = 0) -> dict:
         """x, w, a_pool, b_pool, slot_ids, ranks, scales; `adapters` random slots share the tokens."""
@@ -35,10 +61,18 @@ class Workload:
             w=normal(self.d_in, self.d_out, std=self.d_in ** -0.5),
             a_pool=normal(self.pool, self.d_in, self.rank, std=self.d_in ** -0.5),
             b_pool=normal(self.pool, self.rank, self.d_out, std=self.rank ** -0.5),
-            slot_ids=jnp.asarray(rng.choice(chosen, size=self.tokens), jnp.int32),
+            slot_ids=jnp.asarray(self._slot_ids(rng, chosen), jnp.int32),
             ranks=jnp.full((self.pool,), self.rank, jnp.int32),
             scales=jnp.full((self.pool,), 2.0, jnp.float32),
         )
+
+    def _slot_ids(self, rng: np.random.Generator, chosen: np.ndarray) -> np.ndarray:
+        if self.requests is None:
+            return rng.choice(chosen, size=self.tokens)
+        # every chosen adapter owns a request when there are enough of them, in random order
+        owners = rng.permutation(np.resize(chosen, self.requests))
+        cuts = np.sort(rng.choice(np.arange(1, self.tokens), size=self.requests - 1, replace=False))
+        return np.repeat(owners, np.diff(cuts, prepend=0, append=self.tokens))
 
     def key(self, fused: bool = False) -> ShapeKey:
         """The tile-table key that calls on this workload's arrays look up (`tiles.call_key`)."""

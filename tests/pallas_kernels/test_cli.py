@@ -3,6 +3,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import api, bench, tune
@@ -52,15 +53,44 @@ def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     written = json.loads((tmp_path / "bench.json").read_text())
     assert written == json.loads(json.dumps(result))
-    assert [row["case"] for row in written["rows"]] == list(bench.QUICK)
+    cases = [*bench.QUICK, *bench.PACKED]
+    assert [row["case"] for row in written["rows"]] == cases
     markdown = (tmp_path / "bench.md").read_text()
-    for case in bench.QUICK:
+    for case in cases:
         assert f"| {case} |" in markdown and f"| {case} |" in printed
     for row in written["rows"]:
         assert set(bench.COLUMNS) <= set(row)
         assert all(np.isfinite(row[c]) and row[c] > 0 for c in bench.COLUMNS[4:])
         assert row["vLLM / kernel"] is None  # tiny shapes: no vLLM figure applies, so no target either
     assert written["targets"] == [] and "Targets" not in printed
+
+
+def test_packed_workloads_hold_whole_requests_of_one_adapter():
+    """requests=n: the tokens are n contiguous runs, every chosen adapter owning one when n allows;
+    requests=None keeps the anchors' per-token draw (the same arrays as before the option existed)."""
+    for tokens, adapters, requests in [(64, 2, 4), (4096, 4, 8), (33, 4, 3), (5, 1, 5), (16, 3, 1)]:
+        w = Workload(tokens, 8, 8, 4, adapters, pool=8, requests=requests)
+        slots = np.asarray(w.arrays(seed=tokens)["slot_ids"])
+        changes = int(np.count_nonzero(np.diff(slots)))
+        assert slots.shape == (tokens,) and changes <= requests - 1
+        assert np.unique(slots).size == min(adapters, requests)
+    drawn = Workload(64, 8, 8, 4, 2, pool=8).arrays(seed=1)
+    rng = np.random.default_rng(1)
+    chosen = rng.choice(8, size=2, replace=False)
+    for shape in [(64, 8), (8, 8), (8, 8, 4), (8, 4, 8)]:
+        rng.standard_normal(shape, np.float32)
+    np.testing.assert_array_equal(drawn["slot_ids"], rng.choice(chosen, size=64))
+
+
+def test_shape_specs_parse_with_optional_requests_and_fail_clearly():
+    assert Workload.parse("4096,64,4,8", 4096, 64) == Workload(4096, 4096, 4096, 64, 4, pool=64, requests=8)
+    assert Workload.parse("32,16,4", 128, 8) == Workload(32, 128, 128, 16, 4, pool=8)
+    for bad in ["32,16", "32,16,4,8,1", "32,x,4", "8,16,2,9", "8,16,2,0"]:
+        with pytest.raises(ValueError, match="requests|T,RANK,ADAPTERS"):
+            Workload.parse(bad, 128, 8)
+    assert [w.label for w in tune.shape_grid(True, ["16,8,2", "64,8,2,4"])] == ["a2", "a2 in 4 requests"]
+    with pytest.raises(SystemExit):
+        tune.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--shape", "16,8"])
 
 
 def test_bench_compares_only_the_anchor_shapes_with_vllm():

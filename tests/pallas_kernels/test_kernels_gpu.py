@@ -1,15 +1,15 @@
 """The Pallas GPU kernels through the real Triton lowering (not interpret mode), on a CUDA device.
 
 Skipped, with that reason, where no GPU is present (CI): run them on an accelerator with
-`pytest -m gpu tests/pallas_kernels`. Small cases use the test tiles; the anchor shapes of
-BENCHMARKS.md use the tiles the benchmark runs with (this device's table, else the heuristic), so a
-tile that cannot launch fails here.
+`pytest -m gpu tests/pallas_kernels`. Small cases use the test tiles; the workloads `tune` times (the
+anchor shapes of BENCHMARKS.md and others) use the tiles calls of their shape run with (this device's
+table, else the heuristic), so a tile that cannot launch fails here.
 """
 import jax
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels.workload import Workload
+from pallas_kernels import tune
 from tests.pallas_kernels.cases import CASES, GPU_VARIANTS, TOLERANCE
 from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
 
@@ -18,8 +18,6 @@ pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU: runs the real Triton lowering"),
 ]
 LORA_ARGS = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
-ANCHORS = {"decode-few": (32, 16, 4), "decode-many": (32, 16, 32), "decode-large": (256, 16, 32),
-           "decode-large-r64": (256, 64, 32), "prefill": (4096, 64, 4)}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -39,10 +37,10 @@ def test_small_cases_match_float64(case, tiles, dtype):
     assert relative_error(projected, expected) <= TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("name", ANCHORS)
-def test_anchor_shapes_with_heuristic_tiles(name):
-    tokens, rank, adapters = ANCHORS[name]
-    data = Workload(tokens, 4096, 4096, rank, adapters, pool=64).arrays(seed=0)
+@pytest.mark.parametrize("workload", tune.GRID, ids=lambda w: f"T{w.tokens}-r{w.rank}-{w.label}-pool{w.pool}")
+def test_tuned_shapes_with_the_tiles_they_run_with(workload):
+    """Every workload `tune` times (the anchors, packed prefill, a small pool) with its table entry."""
+    data = workload.arrays(seed=0)
     delta = pk.batched_lora(*(data[k] for k in LORA_ARGS), backend="pallas_gpu")
     expected = lora_delta_f64(*(data[k] for k in LORA_ARGS))
     assert relative_error(delta, expected) <= TOLERANCE["bfloat16"]

@@ -123,7 +123,8 @@ def test_tune_candidates_are_distinct_and_valid(key, backend):
 def test_tuned_entries_are_what_calls_of_their_shape_look_up(tmp_path, monkeypatch):
     """tune stores each entry under the key that calls of its workload look up (adapters = the static
     min(pool, T), not the batch's distinct adapters): decode-few (4 adapters of a 64-slot pool) and
-    decode-many share the T = 32 entry, and every anchor's call gets exactly its key's entry."""
+    decode-many share the T = 32 entry (a small pool's T = 32 calls get their own), prefill drawn at
+    random and packed as requests share one, and every workload's call gets exactly its key's entry."""
     grid = tune.shape_grid(quick=False)
     keys = list(dict.fromkeys(w.key(fused) for w in grid for fused in (False, True)))
     entries = {key: fit(Tiles(16, 128, 16, 32 << (i % 6), split_k=1 + i // 6), key, "pallas_gpu")
@@ -144,8 +145,10 @@ def test_tuned_entries_are_what_calls_of_their_shape_look_up(tmp_path, monkeypat
         pk.batched_lora(x, *lora, backend="pallas_gpu")
         pk.lora_projection(x, weight, *lora, backend="pallas_gpu")
         assert used[-2:] == [entries[w.key(False)], entries[w.key(True)]], w
-    few, many = (w for w in grid if w.tokens == 32)
-    assert few.adapters != many.adapters and few.key() == many.key()
+    few, many, small_pool = (w for w in grid if w.tokens == 32)
+    assert few.adapters != many.adapters and few.key() == many.key() != small_pool.key()
+    random, packed = (w for w in grid if w.tokens == 4096)
+    assert packed.requests and random.key() == packed.key()
 
 
 @given(key=shape_keys)
