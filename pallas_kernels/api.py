@@ -96,10 +96,10 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, *, base_out=None, b
                  interpret: bool = False, tiles: Tiles | None = None) -> jax.Array:
     """base_out + scales[i] * (x[t] @ a_pool[i, :, :ranks[i]]) @ b_pool[i, :ranks[i], :] per token t.
 
-    x (T, d_in); a_pool (N, d_in, R); b_pool (N, R, d_out); slot_ids (T,) int32 with -1 for no
-    adapter; ranks (N,) int32 <= R; scales (N,) float32; base_out (T, d_out) or None for zeros.
-    bfloat16 or float32 inputs, float32 accumulation, output in x's dtype. `tiles` overrides the
-    tile-table lookup (it is fitted to the shape first).
+    x (T, d_in); a_pool (N, d_in, R); b_pool (N, R, d_out); slot_ids (T,) int32 with -1 (or any
+    id outside [0, N)) for no adapter; ranks (N,) int32, taken as clipped to [0, R]; scales (N,) float32; base_out
+    (T, d_out) or None for zeros. bfloat16 or float32 inputs, float32 accumulation, output in x's
+    dtype. `tiles` overrides the tile-table lookup (it is fitted to the shape first).
     """
     key = _validate(x, a_pool, b_pool, slot_ids, ranks, scales, base_out=base_out)
     backend = resolve_backend(backend)
@@ -109,11 +109,13 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, *, base_out=None, b
 
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, *, backend: str = "auto",
                     interpret: bool = False, tiles: Tiles | None = None) -> jax.Array:
-    """x @ w plus every token's LoRA delta, fused: one kernel writes y once (see batched_lora).
+    """x @ w plus every token's LoRA delta (see batched_lora), with the base GEMM and the delta fused
+    as the tiles say (the table's fused entries, ShapeKey.fused).
 
-    On GPU a small shrink kernel runs first and the GEMM carries the expand in its epilogue; on TPU,
-    with tiles.fuse_shrink, the projection kernel also computes x @ A, so x is read once.
-    Tiles come from the table's fused entries (ShapeKey.fused).
+    On GPU a small shrink kernel runs first and the Pallas GEMM carries the expand in its epilogue, so
+    y is written once; with tiles.xla_base XLA's GEMM (cuBLAS) runs instead and the delta adds to
+    its output. On TPU, with tiles.fuse_shrink, the projection kernel also computes x @ A, so x is
+    read once.
     """
     key = dataclasses.replace(_validate(x, a_pool, b_pool, slot_ids, ranks, scales, w=w), fused=True)
     backend = resolve_backend(backend)

@@ -214,7 +214,7 @@ def _expand_rows(acc, keys, rows, n_idx, n_ok, ranks_ref, b_ref, *, xa_ref, num_
     """
     has = keys < num_slots
     slot = jnp.where(has, keys, 0)
-    rank = _load(ranks_ref, slot, mask=has)
+    rank = jnp.minimum(_load(ranks_ref, slot, mask=has), b_ref.shape[1])  # a rank past R means R
 
     def rank_step(r, acc):
         live = r < rank

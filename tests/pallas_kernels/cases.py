@@ -47,8 +47,9 @@ class Case:
         for i, r in enumerate(ranks):  # garbage past each rank: the kernels must never read it
             a[i, :, r:] = 1e3
             b[i, r:, :] = -1e3
-        if self.slots == "mixed":  # slot -1 tokens, and the last slot stays empty
+        if self.slots == "mixed":  # slot -1 tokens, ids outside the pool (no adapter), the last slot empty
             slot_ids = rng.integers(-1, n - 1, self.tokens)
+            slot_ids[3::10], slot_ids[7::10] = n, -5
         elif self.slots == "single":
             slot_ids = np.full(self.tokens, 1)
         elif self.slots == "distinct":

@@ -11,7 +11,7 @@ def lora_delta_f64(x, a_pool, b_pool, slot_ids, ranks, scales) -> np.ndarray:
     slot_ids, ranks, scales = np.asarray(slot_ids), np.asarray(ranks), as_f64(scales)
     delta = np.zeros((x.shape[0], b_pool.shape[2]))
     for t, slot in enumerate(slot_ids):
-        if slot < 0:
+        if not 0 <= slot < a_pool.shape[0]:  # -1, or any id outside the pool: no adapter
             continue
         r = ranks[slot]
         delta[t] = scales[slot] * ((x[t] @ a_pool[slot, :, :r]) @ b_pool[slot, :r, :])

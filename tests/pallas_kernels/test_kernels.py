@@ -5,6 +5,7 @@ every output element is written and no unwritten intermediate is read.
 """
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -38,9 +39,28 @@ def test_batched_lora_matches_float64_reference(case, backend, tiles, dtype):
     assert out.shape == expected.shape and out.dtype == data["x"].dtype
     assert np.isfinite(as_f64(out)).all()
     assert relative_error(out, expected) <= TOLERANCE[dtype]
-    no_adapter = np.asarray(data["slot_ids"]) < 0
+    slot_ids = np.asarray(data["slot_ids"])
+    no_adapter = (slot_ids < 0) | (slot_ids >= len(case.ranks))
     base = as_f64(data["base_out"]) if data["base_out"] is not None else 0 * expected
     np.testing.assert_array_equal(as_f64(out)[no_adapter], base[no_adapter])
+
+
+@_variants(PROJECTION_VARIANTS)
+def test_ranks_outside_the_buffer_are_clipped_to_it(backend, tiles):
+    """A rank past the rank buffer R means R, and a negative one 0, in every kernel as in the reference
+    (the kernels must not read past R: the pool's next slot lies there)."""
+    case = CASES[0]
+    data = case.arrays("float32", seed=2)
+    rank_buffer = data["a_pool"].shape[2]
+    ranks = np.asarray([rank_buffer + 24, -3, 8, 0, 100, rank_buffer])
+    data["ranks"] = jnp.asarray(ranks, jnp.int32)
+    clipped = {**data, "ranks": jnp.asarray(np.clip(ranks, 0, rank_buffer), jnp.int32)}
+    expected = lora_delta_f64(*(clipped[k] for k in LORA_ARGS))
+    out = pk.batched_lora(*(data[k] for k in LORA_ARGS), backend=backend, interpret=True, tiles=tiles)
+    assert relative_error(out, expected) <= TOLERANCE["float32"]
+    out = pk.lora_projection(data["x"], data["w"], *(data[k] for k in LORA_ARGS[1:]), backend=backend,
+                             interpret=True, tiles=tiles)
+    assert relative_error(out, expected + as_f64(data["x"]) @ as_f64(data["w"])) <= TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
