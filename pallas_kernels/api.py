@@ -58,6 +58,11 @@ def _validate(x, a_pool, b_pool, slot_ids, ranks, scales, base_out=None, w=None)
     return call_key(x.shape, a_pool.shape, b_pool.shape)
 
 
+def _no_delta(x, a_pool) -> bool:
+    """No token, no slot or a rank buffer of 0: every delta is zero and no kernel has work (nor a grid)."""
+    return 0 in (x.shape[0], a_pool.shape[0], a_pool.shape[2])
+
+
 def _tiles(key: ShapeKey, backend: str, tiles: Tiles | None) -> Tiles | None:
     if backend == "reference":
         return None
@@ -103,6 +108,8 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, *, base_out=None, b
     """
     key = _validate(x, a_pool, b_pool, slot_ids, ranks, scales, base_out=base_out)
     backend = resolve_backend(backend)
+    if _no_delta(x, a_pool):
+        return jnp.zeros((x.shape[0], b_pool.shape[2]), x.dtype) if base_out is None else base_out
     return _batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, backend=backend,
                          tiles=_tiles(key, backend, tiles), interpret=interpret)
 
@@ -119,5 +126,7 @@ def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, *, backend: s
     """
     key = dataclasses.replace(_validate(x, a_pool, b_pool, slot_ids, ranks, scales, w=w), fused=True)
     backend = resolve_backend(backend)
+    if _no_delta(x, a_pool):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     return _lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, backend=backend,
                             tiles=_tiles(key, backend, tiles), interpret=interpret)

@@ -62,3 +62,19 @@ def test_new_adapter_mixes_do_not_recompile(backend, tiles):
         outs.append(pk.batched_lora(**call, backend=backend, interpret=True, tiles=tiles))
     assert api._batched_lora._cache_size() == before + 1
     assert not np.array_equal(outs[1], outs[2])  # the mixes really differed
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("T, N, R", [(0, 3, 4), (8, 0, 4), (8, 3, 0), (0, 0, 0)])
+def test_shapes_without_any_delta_return_the_base(backend, T, N, R):
+    """No tokens (an empty batch), no slots or a rank buffer of 0: base_out (or zeros), and x @ w."""
+    rng = np.random.default_rng(T + N + R)
+    args = _args(T=T, N=N, R=R) | dict(x=jnp.asarray(rng.standard_normal((T, 32)), jnp.float32),
+                                       slot_ids=jnp.asarray(rng.integers(-1, max(N, 1), T), jnp.int32))
+    base = jnp.asarray(rng.standard_normal((T, 48)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
+    kw = dict(backend=backend, interpret=True)
+    np.testing.assert_array_equal(pk.batched_lora(**args, **kw), np.zeros((T, 48), np.float32))
+    np.testing.assert_array_equal(pk.batched_lora(**args, base_out=base, **kw), base)
+    expected = np.asarray(args["x"], np.float64) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(pk.lora_projection(w=w, **args, **kw), expected, rtol=1e-5, atol=1e-5)
