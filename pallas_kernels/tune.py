@@ -1,28 +1,29 @@
 """Profile candidate tiles per shape class on this device and write the winners as a tile table.
 
-    python -m pallas_kernels.tune [--out configs/tiles/<device>.json] [--shape T,RANK,ADAPTERS[,REQUESTS] ... --update]
-                                  [--backend B] [--quick --interpret]
+    python -m pallas_kernels.tune [--out configs/tiles/<device>.json] [--update] [--minutes M]
+                                  [--shape T,RANK,ADAPTERS[,REQUESTS] ...] [--backend B] [--quick --interpret]
 
-For each workload of the grid (the anchor shapes of BENCHMARKS.md, prefill also packed as whole requests,
-and decode from a small pool; or --shape) and each operation (the
-delta, batched_lora, and the fused projection, lora_projection: separate keys, since a GEMM wants
-other tiles), tiles are timed as the benchmark times them, inside one jitted loop each, captured as
-a CUDA graph (`timing.py`): first half of --max-candidates as seeds (the heuristic's tiles, the
-one-kernel delta's on GPU, and their one-step neighbours: each knob doubled or halved, each switch
-flipped; fitted and deduplicated), then a hill climb from the fastest through its one-step
-neighbours, for the rest of the timings or until none is faster (`climb`). Entries are keyed as calls
-look them up (`tiles.call_key`: adapters = min(pool, T)), so workloads that differ only in their
-distinct adapters share a key, and its winner is the fastest summed over them. Candidates that fail to
-compile or launch (shared memory, registers) are skipped. With --update the table at --out keeps its
-other entries and each tuned key's current entry is timed too. The table records the device kind and
-jax version. `--quick --interpret` runs a tiny grid in Pallas interpret
-mode so the tool itself can be exercised on CPU; its timings there mean nothing.
+For each workload of the grid (the anchor shapes of BENCHMARKS.md, prefill also packed as whole
+requests, and decode from a small pool; or --shape) and each operation (the delta, batched_lora, and the
+fused projection, lora_projection: separate keys, since a GEMM wants other tiles), tiles are timed as
+the benchmark times them, inside one jitted loop each, captured as a CUDA graph (`timing.py`): first
+half of --max-candidates as seeds (the heuristic's tiles, the one-kernel delta's on GPU, and their
+one-step neighbours: each knob doubled or halved, each switch flipped; fitted and deduplicated), then a
+hill climb from the fastest through its one-step neighbours, for the rest of the timings or until none
+is faster (`climb`), or until the key's share of --minutes is spent. Entries are keyed as calls look
+them up (`tiles.call_key`: adapters = min(pool, T)), so workloads that differ only in their distinct
+adapters share a key, and its winner is the fastest summed over them. Candidates that fail to compile or
+launch (shared memory, registers) are skipped. With --update the table at --out keeps its other entries
+and each tuned key's current entry is timed too. The table records the device kind and jax version.
+`--quick --interpret` runs a tiny grid in Pallas interpret mode so the tool itself can be exercised on
+CPU; its timings there mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import pathlib
+import time
 from collections.abc import Callable
 
 import jax
@@ -100,22 +101,25 @@ def neighbours(tiles: Tiles, key: ShapeKey, backend: str) -> list[Tiles]:
 
 
 def climb(measure: Callable[[Tiles], float], seeds: list[Tiles], neighbours_of: Callable[[Tiles], list[Tiles]],
-          limit: int) -> tuple[float, Tiles]:
+          limit: int, out_of_time: Callable[[], bool] = lambda: False) -> tuple[float, Tiles]:
     """The fastest tiles found within `limit` timings: the seeds, then a first-improvement hill climb
     from the fastest so far through its untimed neighbours, until a whole neighbourhood is slower.
+    Once `out_of_time()` says so, no further tiles are timed (the first always is).
 
     Winners can lie several knobs away from every seed (H100, PERF.md round 5: the T = 32 delta's
     best tiles were three knobs from the heuristic's), which a list of one-knob neighbours misses.
     """
     timed: dict[Tiles, float] = {}
     for tiles in seeds[:limit]:
+        if timed and out_of_time():
+            break
         timed.setdefault(tiles, measure(tiles))
     best = min(timed, key=timed.__getitem__)
-    while len(timed) < limit:
+    while len(timed) < limit and not out_of_time():
         for tiles in neighbours_of(best):
             if tiles in timed:
                 continue
-            if len(timed) == limit:
+            if len(timed) == limit or out_of_time():
                 break
             timed[tiles] = measure(tiles)
             if timed[tiles] < timed[best]:
@@ -157,10 +161,15 @@ def main(argv: list[str] | None = None) -> TileTable:
                         help="keep --out's other entries, and time each tuned key's current entry too")
     parser.add_argument("--max-candidates", type=int, default=None,
                         help="timings per key (half of them seeds, the rest a hill climb); default 24")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="time budget of the whole run, shared among the keys (what one leaves rolls "
+                             "over to the next); a key out of time keeps its fastest tiles so far")
     parser.add_argument("--calls", type=int, default=None, help="iterations per timed loop")
     parser.add_argument("--per-iteration", type=int, default=timing.PER_ITERATION, help="calls per iteration")
     parser.add_argument("--no-graphs", action="store_true", help="launch kernels from the host (no CUDA graph)")
     args = parser.parse_args(argv)
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error("--minutes must be positive")
     if not args.no_graphs:
         timing.use_cuda_graphs()
     backend = args.backend or api.resolve_backend("auto")
@@ -190,7 +199,9 @@ def main(argv: list[str] | None = None) -> TileTable:
     times: dict[ShapeKey, dict[Tiles, dict[Workload, float]]] = {key: {} for key in served}
     best: dict[ShapeKey, Tiles] = {}
     progress = tqdm(total=limit * len(served), desc=f"tune {backend}", unit="tile")
-    for key, users in served.items():
+    end = None if args.minutes is None else time.monotonic() + 60 * args.minutes
+    for done, (key, users) in enumerate(served.items()):
+        key_end = None if end is None else time.monotonic() + (end - time.monotonic()) / (len(served) - done)
         # This key's workloads' inputs live while it is tuned.
         data = {w: [w.arrays(seed) for seed in range(timing.copies_past_cache(
             w.copy_bytes(), max_copies=1 if args.quick else 4))] for w in users}
@@ -209,7 +220,8 @@ def main(argv: list[str] | None = None) -> TileTable:
             return sum(each.values())
 
         seeds = candidates(key, backend, max(2, limit // 2), kept.get(key) if args.update else None)
-        seconds, tiles = climb(measure, seeds, lambda t, key=key: neighbours(t, key, backend), limit)
+        seconds, tiles = climb(measure, seeds, lambda t, key=key: neighbours(t, key, backend), limit,
+                               lambda key_end=key_end: key_end is not None and time.monotonic() > key_end)
         progress.update(limit - len(times[key]))  # the climb may stop short of its budget
         if seconds < float("inf"):
             best[key] = table.entries[key] = tiles

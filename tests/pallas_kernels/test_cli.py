@@ -48,6 +48,21 @@ def test_tune_writes_a_table_whose_lookups_run_correctly(tmp_path, monkeypatch):
     assert relative_error(out, lora_delta_f64(x, a, b, slots, ranks, scales)) <= 1e-5
 
 
+def test_tune_out_of_minutes_keeps_each_keys_first_tiles(tmp_path, capsys):
+    """A budget spent at once: every key times only its first seed (the heuristic's tiles) and keeps it."""
+    out = tmp_path / "cpu.json"
+    tune.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--out", str(out), "--shape", "16,8,2",
+               "--minutes", "1e-9"])
+    table = TileTable.load(out)
+    [workload] = tune.shape_grid(True, ["16,8,2"])
+    assert set(table.entries) == {workload.key(False), workload.key(True)}
+    for key, tiles in table.entries.items():
+        assert tiles == tune.candidates(key, "pallas_gpu", limit=1)[0]
+    assert capsys.readouterr().out.count(" us\n") == 2  # one timing line per key
+    with pytest.raises(SystemExit):
+        tune.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--minutes", "0"])
+
+
 def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     result = bench.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--out", str(tmp_path)])
     printed = capsys.readouterr().out

@@ -188,3 +188,8 @@ def test_tune_climbs_to_tiles_several_knobs_from_every_seed():
     timed = []
     tune.climb(cost, seeds, lambda t: tune.neighbours(t, key, "pallas_gpu"), limit=14)
     assert len(timed) == 14
+    for allowed in (1, 5, 20):  # out of time after `allowed` timings: the best of those, nothing more
+        timed = []
+        seconds, found = tune.climb(cost, seeds, lambda t: tune.neighbours(t, key, "pallas_gpu"), limit=40,
+                                    out_of_time=lambda allowed=allowed: len(timed) >= allowed)
+        assert len(timed) == allowed and found in timed and seconds == min(cost(t) for t in timed[:allowed])
