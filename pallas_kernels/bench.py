@@ -1,6 +1,7 @@
 """Benchmark ATMM against its byte floor, stock JAX, and the base projection it rides on.
 
-    python -m pallas_kernels.bench [--out DIR] [--shape T,RANK,ADAPTERS[,REQUESTS] ...] [--quick --interpret]
+    python -m pallas_kernels.bench [--out DIR] [--case NAME ...] [--shape T,RANK,ADAPTERS[,REQUESTS] ...]
+                                   [--quick --interpret]
 
 Per anchor shape of BENCHMARKS.md (and prefill packed as whole requests, as serving packs it): the byte
 floor from a copy bandwidth measured in the same run, the kernel's time and its multiple of the floor,
@@ -63,7 +64,10 @@ def _workloads(args) -> dict[str, Workload]:
             raise SystemExit(f"--shape: {error}") from None
         packed = "" if workload.requests is None else f"-{workload.requests}requests"
         found[f"T{workload.tokens}-r{workload.rank}-a{workload.adapters}{packed}"] = workload
-    return found
+    unknown = set(args.case) - set(found)
+    if unknown:
+        raise SystemExit(f"--case: no case {sorted(unknown)}; the cases are {list(found)}")
+    return {name: workload for name, workload in found.items() if not args.case or name in args.case}
 
 
 def _measure(name: str, workload: Workload, bandwidth: float, args) -> dict:
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/pallas_kernels"))
     parser.add_argument("--shape", action="append", default=[], metavar="T,RANK,ADAPTERS[,REQUESTS]",
                         help="an extra case (repeatable); REQUESTS packs the tokens as that many requests")
+    parser.add_argument("--case", action="append", default=[], metavar="NAME",
+                        help="run only these cases (repeatable; an anchor, a packed case or a --shape's name)")
     parser.add_argument("--backend", default="auto", choices=api.BACKENDS)
     parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")

@@ -108,6 +108,14 @@ def test_shape_specs_parse_with_optional_requests_and_fail_clearly():
         tune.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--shape", "16,8"])
 
 
+def test_bench_runs_only_the_cases_asked_for(tmp_path):
+    args = ["--quick", "--interpret", "--backend", "pallas_gpu", "--out", str(tmp_path), "--calls", "1"]
+    result = bench.main([*args, "--case", "prefill-8-requests", "--shape", "8,4,2,2", "--case", "T8-r4-a2-2requests"])
+    assert [row["case"] for row in result["rows"]] == ["prefill-8-requests", "T8-r4-a2-2requests"]
+    with pytest.raises(SystemExit, match="no case \\['decode'\\]"):
+        bench.main([*args, "--case", "decode"])
+
+
 def test_bench_compares_only_the_anchor_shapes_with_vllm():
     assert bench.vllm_us("decode-few", Workload(32, 4096, 4096, 16, 4)) == 8.6
     assert bench.vllm_us("prefill", Workload(4096, 4096, 4096, 64, 4)) == 297.0
