@@ -18,6 +18,9 @@ decode tiles hold many runs and are too few to fill the GPU on their own.
 - delta (tiles.fuse_shrink): the expand with no shrink kernel before it; each program takes one run
   of its tile and computes that run's scaled x @ A over all of d_in itself (every d_out tile again,
   A re-read from L2), so a decode delta is one launch (two with sort) and xa never goes through HBM.
+- shrink + expand in one launch (tiles.one_launch): both kernels' programs in one grid, roles by
+  atomic ticket, each expand program waiting for its token tile's shrink programs
+  (`_one_launch_kernel`), so a decode delta pays one launch with no recompute.
 - projection: grid (tiles, d_out tiles), natural-order tiles whatever tiles.sort says. y = x @ W
   with x and W loaded as contiguous blocks and the expand as its epilogue, so W is read once per
   token tile and y written once; the shrink kernel (sorted or not) runs first.
@@ -250,7 +253,13 @@ def _sort_kernel(slot_ref, order_ref, *, num_slots: int):
 def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
     """With tiles.atomic_split_k the last operand is the zeroed xa, aliased to the output."""
     order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, *_, xa_ref) = _split_refs(refs, tiles.sort)
-    tile, group, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    _shrink_program(order_ref, slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref, pl.program_id(0),
+                    pl.program_id(1), pl.program_id(2), tiles=tiles, num_slots=num_slots)
+
+
+def _shrink_program(order_ref, slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref, tile, group, split, *,
+                    tiles: Tiles, num_slots: int):
+    """Shrink program (token tile, run group, split-K split): its runs' scaled x @ A partials into xa."""
     bt, bk, br = tiles.block_t, tiles.block_k, tiles.block_r
     rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
     if tiles.atomic_split_k:  # distinct rows for the atomic adds: rows past the end get padding rows of xa
@@ -286,12 +295,21 @@ def _expand_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool):
     order_ref, (slot_ref, ranks_ref, *refs) = _split_refs(refs, tiles.sort)
     xa_refs, (b_ref, *refs) = (refs[:3], refs[3:]) if tiles.fuse_shrink else (refs[:1], refs[1:])
     base_ref, out_ref = refs if add_base else (None, refs[0])
-    tile, group, n_block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    _expand_program(order_ref, slot_ref, ranks_ref, xa_refs, b_ref, base_ref, out_ref, pl.program_id(0),
+                    pl.program_id(1), pl.program_id(2), tiles=tiles, num_slots=num_slots)
+
+
+def _expand_program(order_ref, slot_ref, ranks_ref, xa_refs, b_ref, base_ref, out_ref, tile, group, n_block, *,
+                    tiles: Tiles, num_slots: int, wait=None):
+    """Expand program (token tile, run group, d_out tile): y rows of its runs = base + xa @ B. `wait()`,
+    if given, runs after the tile's slots are loaded and before xa is read."""
     bt, bn = tiles.block_t, tiles.block_n
     d_out = out_ref.shape[1]
     rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
     n_idx = n_block * bn + jnp.arange(bn)
     n_ok = _tail(n_idx, d_out)
+    if wait is not None:
+        wait()
     refs = dict(n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, b_ref=b_ref, num_slots=num_slots)
     acc = jnp.zeros((bt, bn), jnp.float32)
     if tiles.expand_rows:
@@ -313,9 +331,58 @@ def _expand_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool):
         start = (acc, jnp.zeros((bt,), jnp.bool_))
         acc, mine = _for_each_run(keys, num_slots + 1, run, start, group=group, groups=tiles.split_runs)
     mask = _edge_mask(mine, n_ok)
-    if add_base:
+    if base_ref is not None:
         acc += _load(base_ref, rows[:, None], n_idx[None, :], mask=mask).astype(jnp.float32)
     plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype), mask=mask)
+
+
+def _one_launch_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool, interpret: bool):
+    """The two-kernel delta's programs in one launch (tiles.one_launch). Operands: [order,] slots,
+    ranks, scales, x, A, B, [base,] the zeroed tickets and, with atomic_split_k, the zeroed xa (both
+    aliased to outputs); outputs y, xa, tickets.
+
+    A program's role is its ticket (tickets[0], taken atomically), not its program id: the first
+    tickets are the shrink's programs, the rest the expand's. Each shrink program counts itself in
+    at tickets[1 + token tile] (after a CTA barrier, so every thread's partial is stored before that
+    release), and each expand program waits for its tile's count. An expand ticket is drawn only
+    after every shrink ticket went to a program already running, so the wait cannot deadlock on a
+    GPU, and interpret mode, which runs programs one after another, hands the shrink tickets out
+    first. The second launch and the expand's slot loads leave the critical path of a decode call.
+    """
+    order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, b_ref, *refs) = _split_refs(refs, tiles.sort)
+    base_ref = refs[0] if add_base else None
+    out_ref, xa_ref, tickets_ref = refs[-3:]
+    shrink_per_tile = tiles.split_runs * tiles.split_k
+    expand_groups, n_blocks = 1 if tiles.expand_rows else tiles.split_runs, pl.cdiv(out_ref.shape[1], tiles.block_n)
+    shrink_tickets = pl.cdiv(slot_ref.shape[0], tiles.block_t) * shrink_per_tile
+    program = {"tiles": tiles, "num_slots": num_slots}
+
+    def shrink(ticket):
+        tile, rest = divmod(ticket, shrink_per_tile)
+        _shrink_program(order_ref, slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref, tile,
+                        rest // tiles.split_k, rest % tiles.split_k, **program)
+        if not interpret:
+            plgpu.debug_barrier()
+        plgpu.atomic_add(tickets_ref, 1 + tile, jnp.int32(1))
+        return ticket
+
+    def expand(ticket):
+        tile, rest = divmod(ticket - shrink_tickets, expand_groups * n_blocks)
+        _expand_program(order_ref, slot_ref, ranks_ref, [xa_ref], b_ref, base_ref, out_ref, tile, rest // n_blocks,
+                        rest % n_blocks, wait=lambda: _wait_until(tickets_ref, 1 + tile, shrink_per_tile), **program)
+        return ticket
+
+    ticket = plgpu.atomic_add(tickets_ref, jnp.int32(0), jnp.int32(1))
+    lax.cond(ticket < shrink_tickets, shrink, expand, ticket)  # each branch yields the ticket: scf.if needs a value
+
+
+def _wait_until(counter_ref, index, count: int) -> None:
+    """Spin until counter_ref[index] >= count, reading it by atomics (acquire, GPU scope)."""
+    def read(state):  # the index rides in the loop's state: interpret mode's loops take no constants
+        _, index = state
+        return plgpu.atomic_add(counter_ref, index, index * 0), index
+
+    lax.while_loop(lambda state: state[0] < count, read, read((jnp.int32(0), index)))
 
 
 def _projection_kernel(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, *, tiles: Tiles,
@@ -368,40 +435,57 @@ def _order(slot_ids, num_slots: int, tiles: Tiles, interpret: bool) -> list:
     return [order]
 
 
-def _shrink(order: list, x, a_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
-    """Scaled x @ A per token as split-K partials (split_k, T, R padded to block_r), float32; with
-    tiles.atomic_split_k their sum, added up by atomics in a zeroed (1, T padded to block_t, R) xa."""
-    num_slots, _, rank_buffer = a_pool.shape
-    num_tokens = x.shape[0]
-    kernel = functools.partial(_shrink_kernel, tiles=tiles, num_slots=num_slots)
+def _xa_buffer(num_tokens: int, rank_buffer: int, tiles: Tiles) -> tuple[jax.ShapeDtypeStruct, list]:
+    """xa's shape, and [zeros] to alias it to with atomic_split_k ([] otherwise): split-K partials
+    (split_k, T, R padded to block_r), float32, or with tiles.atomic_split_k their sum, added up by
+    atomics in a zeroed (1, T padded to block_t, R)."""
     padded_rank = pl.cdiv(rank_buffer, tiles.block_r) * tiles.block_r
-    grid = (pl.cdiv(num_tokens, tiles.block_t), tiles.split_runs, tiles.split_k)
-    operands = [*order, slot_ids, ranks, scales, x, a_pool]
     if not tiles.atomic_split_k:
-        out = jax.ShapeDtypeStruct((tiles.split_k, num_tokens, padded_rank), jnp.float32)
-        return _call(kernel, grid, out, tiles, interpret, "atmm_shrink", *operands)
-    zeros = jnp.zeros((1, grid[0] * tiles.block_t, padded_rank), jnp.float32)
-    return _call(kernel, grid, jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), tiles, interpret, "atmm_shrink",
-                 *operands, zeros, input_output_aliases={len(operands): 0})
+        return jax.ShapeDtypeStruct((tiles.split_k, num_tokens, padded_rank), jnp.float32), []
+    zeros = jnp.zeros((1, pl.cdiv(num_tokens, tiles.block_t) * tiles.block_t, padded_rank), jnp.float32)
+    return jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), [zeros]
+
+
+def _shrink(order: list, x, a_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
+    """Scaled x @ A per token, float32, as `_xa_buffer` lays it out."""
+    num_slots, _, rank_buffer = a_pool.shape
+    kernel = functools.partial(_shrink_kernel, tiles=tiles, num_slots=num_slots)
+    grid = (pl.cdiv(x.shape[0], tiles.block_t), tiles.split_runs, tiles.split_k)
+    operands = [*order, slot_ids, ranks, scales, x, a_pool]
+    xa, zeros = _xa_buffer(x.shape[0], rank_buffer, tiles)
+    return _call(kernel, grid, xa, tiles, interpret, "atmm_shrink", *operands, *zeros,
+                 input_output_aliases={len(operands): 0} if zeros else {})
 
 
 def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Tiles,
                  interpret: bool) -> jax.Array:
     """base_out (or zeros) + every token's LoRA delta, in x's dtype: [sort,] shrink, expand; with
-    tiles.fuse_shrink [sort,] one kernel, the expand computing its own xa (`_xa_recomputed`)."""
-    num_slots, _, d_out = b_pool.shape
+    tiles.fuse_shrink [sort,] one kernel, the expand computing its own xa (`_xa_recomputed`); with
+    tiles.one_launch [sort,] the shrink's and the expand's programs in one launch."""
+    num_slots, rank_buffer, d_out = b_pool.shape
     num_tokens = x.shape[0]
     order = _order(slot_ids, num_slots, tiles, interpret)
+    base = [] if base_out is None else [base_out]
+    out = jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype)
+    token_tiles = pl.cdiv(num_tokens, tiles.block_t)
+    grid = (token_tiles, 1 if tiles.expand_rows else tiles.split_runs, pl.cdiv(d_out, tiles.block_n))
+    if tiles.one_launch:
+        kernel = functools.partial(_one_launch_kernel, tiles=tiles, num_slots=num_slots, add_base=bool(base),
+                                   interpret=interpret)
+        xa, xa_zeros = _xa_buffer(num_tokens, rank_buffer, tiles)
+        tickets = jnp.zeros((1 + token_tiles,), jnp.int32)  # [next ticket, finished shrinks per token tile]
+        operands = [*order, slot_ids, ranks, scales, x, a_pool, b_pool, *base, tickets, *xa_zeros]
+        aliases = {len(operands) - len(xa_zeros) - 1: 2} | ({len(operands) - 1: 1} if xa_zeros else {})
+        programs = token_tiles * tiles.split_runs * tiles.split_k + math.prod(grid)  # shrink's, then expand's
+        outs = (out, xa, jax.ShapeDtypeStruct(tickets.shape, tickets.dtype))
+        return _call(kernel, (programs,), outs, tiles, interpret, "atmm_shrink_expand", *operands,
+                     input_output_aliases=aliases)[0]
     if tiles.fuse_shrink:
         xa, name = [scales, x, a_pool], "atmm_delta"
     else:
         xa, name = [_shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)], "atmm_expand"
-    add_base = base_out is not None
-    kernel = functools.partial(_expand_kernel, tiles=tiles, num_slots=num_slots, add_base=add_base)
-    run_groups = 1 if tiles.expand_rows else tiles.split_runs
-    grid = (pl.cdiv(num_tokens, tiles.block_t), run_groups, pl.cdiv(d_out, tiles.block_n))
-    return _call(kernel, grid, jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype), tiles, interpret,
-                 name, *order, slot_ids, ranks, *xa, b_pool, *([base_out] if add_base else []))
+    kernel = functools.partial(_expand_kernel, tiles=tiles, num_slots=num_slots, add_base=bool(base))
+    return _call(kernel, grid, out, tiles, interpret, name, *order, slot_ids, ranks, *xa, b_pool, *base)
 
 
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:

@@ -35,7 +35,10 @@ class Tiles:
     dot per adapter run); xla_base (lora_projection only: base GEMM by XLA, delta added by the
     expand, instead of the Pallas GEMM with the expand as epilogue); atomic_split_k (the shrink adds
     its split-K partials into one zeroed xa with atomics, so that each expand program reads one
-    partial instead of split_k: at prefill the re-read partials are the largest traffic, PERF.md).
+    partial instead of split_k: at prefill the re-read partials are the largest traffic, PERF.md);
+    one_launch (the two-kernel delta's shrink and expand programs in one launch, each expand
+    program waiting for its token tile's shrink programs: one launch and one dependent load chain
+    fewer, for decode).
     lora_projection's GEMM always walks natural-order tiles; sort there orders its shrink only. See
     gpu.py.
 
@@ -61,6 +64,7 @@ class Tiles:
     expand_rows: bool = False
     xla_base: bool = False
     atomic_split_k: bool = False
+    one_launch: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +140,7 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             expand_rows=tiles.expand_rows and not fuse_shrink,
             xla_base=xla_base,
             atomic_split_k=tiles.atomic_split_k and split_k > 1,
+            one_launch=tiles.one_launch and not fuse_shrink and (xla_base or not key.fused),
         )
     if backend == "pallas_tpu":
         # Token tiles of 16 keep bf16 (16, 128) sublane packing; the padded token layout is a
@@ -148,7 +153,7 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             block_r=_largest_aligned_divisor(key.rank, tiles.block_r, TPU_LANES),
             block_n=_largest_aligned_divisor(key.d_out, tiles.block_n, TPU_LANES),
             split_k=1, num_warps=4, num_stages=3, sort=False, split_runs=1, expand_rows=False, xla_base=False,
-            atomic_split_k=False,
+            atomic_split_k=False, one_launch=False,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 

@@ -43,7 +43,7 @@ GRID = [Workload(tokens, 4096, 4096, rank, adapters, **kw) for tokens, rank, ada
 # The first two share a key (pool of 8), and so do the last two.
 QUICK_GRID = [Workload(tokens, 128, 128, 16, adapters, pool=8, requests=requests)
               for tokens, adapters, requests in [(16, 2, None), (16, 8, None), (64, 2, None), (64, 2, 4)]]
-SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink", "atomic_split_k"),
+SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink", "atomic_split_k", "one_launch"),
             "pallas_tpu": ("fuse_shrink",)}
 KNOBS = {"pallas_gpu": ("block_n", "split_k", "block_t", "split_runs", "num_warps", "num_stages", "block_k"),
          "pallas_tpu": ("block_t", "block_k", "block_n")}

@@ -69,11 +69,11 @@ def test_new_adapter_mixes_do_not_recompile(backend, tiles):
 def test_shapes_without_any_delta_return_the_base(backend, T, N, R):
     """No tokens (an empty batch), no slots or a rank buffer of 0: base_out (or zeros), and x @ w."""
     rng = np.random.default_rng(T + N + R)
-    args = _args(T=T, N=N, R=R) | dict(x=jnp.asarray(rng.standard_normal((T, 32)), jnp.float32),
-                                       slot_ids=jnp.asarray(rng.integers(-1, max(N, 1), T), jnp.int32))
+    args = _args(T=T, N=N, R=R) | {"x": jnp.asarray(rng.standard_normal((T, 32)), jnp.float32),
+                                   "slot_ids": jnp.asarray(rng.integers(-1, max(N, 1), T), jnp.int32)}
     base = jnp.asarray(rng.standard_normal((T, 48)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
-    kw = dict(backend=backend, interpret=True)
+    kw = {"backend": backend, "interpret": True}
     np.testing.assert_array_equal(pk.batched_lora(**args, **kw), np.zeros((T, 48), np.float32))
     np.testing.assert_array_equal(pk.batched_lora(**args, base_out=base, **kw), base)
     expected = np.asarray(args["x"], np.float64) @ np.asarray(w, np.float64)

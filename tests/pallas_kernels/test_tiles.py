@@ -30,10 +30,12 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
         assert 1 <= tiles.split_runs <= tiles.block_t
         assert key.fused or not tiles.xla_base
         assert not tiles.atomic_split_k or (tiles.split_k > 1 and not tiles.fuse_shrink)
+        assert not tiles.one_launch or (not tiles.fuse_shrink and (tiles.xla_base or not key.fused))
         if tiles.fuse_shrink:  # the one-kernel delta: one run per program, no split-K, not in the Pallas GEMM
             assert tiles.split_runs == min(tiles.block_t, key.adapters + 1) and tiles.split_k == 1
             assert not tiles.expand_rows and (tiles.xla_base or not key.fused)
     else:
+        assert not (tiles.sort or tiles.expand_rows or tiles.xla_base or tiles.atomic_split_k or tiles.one_launch)
         assert tiles.block_t % 8 == 0
         for block, dim in ((tiles.block_k, key.d_in), (tiles.block_r, key.rank), (tiles.block_n, key.d_out)):
             assert dim % block == 0 and (block % 128 == 0 or block == dim)
@@ -58,6 +60,10 @@ def test_heuristic_and_unseen_lookups_are_valid(key, backend):
         ShapeKey.of(4096, 4096, 4096, 64, 4): Tiles(128, 64, 64, 256, 1, 8, 3),
     })
     assert_valid(table.lookup(key), key, backend)
+    for fuse_shrink in (False, True):  # a stored entry with every switch on is fitted to what applies
+        every_switch = Tiles(32, 128, 16, 128, 4, 4, 3, fuse_shrink=fuse_shrink, sort=True, split_runs=8,
+                             expand_rows=True, xla_base=True, atomic_split_k=True, one_launch=True)
+        assert_valid(fit(every_switch, key, backend), key, backend)
 
 
 def test_lookup_picks_the_nearest_stored_shape():
@@ -191,5 +197,5 @@ def test_tune_climbs_to_tiles_several_knobs_from_every_seed():
     for allowed in (1, 5, 20):  # out of time after `allowed` timings: the best of those, nothing more
         timed = []
         seconds, found = tune.climb(cost, seeds, lambda t: tune.neighbours(t, key, "pallas_gpu"), limit=40,
-                                    out_of_time=lambda allowed=allowed: len(timed) >= allowed)
+                                    out_of_time=lambda allowed=allowed, timed=timed: len(timed) >= allowed)
         assert len(timed) == allowed and found in timed and seconds == min(cost(t) for t in timed[:allowed])
