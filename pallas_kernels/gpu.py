@@ -46,6 +46,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.tiles import Tiles
 
 SORT_ROWS, SORT_COLS = 32, 256  # tokens ranked per program x tokens compared per step
+SPIN_LIMIT = 1 << 20  # atomic reads of a one_launch wait before it gives up (about 1 s on an H100)
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -377,12 +378,15 @@ def _one_launch_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool, inte
 
 
 def _wait_until(counter_ref, index, count: int) -> None:
-    """Spin until counter_ref[index] >= count, reading it by atomics (acquire, GPU scope)."""
+    """Spin until counter_ref[index] >= count, reading it by atomics (acquire, GPU scope), or until
+    SPIN_LIMIT reads: a wait that should take microseconds then ends in a wrong result, which the
+    tests catch, rather than in a hung GPU."""
     def read(state):  # the index rides in the loop's state: interpret mode's loops take no constants
-        _, index = state
-        return plgpu.atomic_add(counter_ref, index, index * 0), index
+        _, index, reads = state
+        return plgpu.atomic_add(counter_ref, index, index * 0), index, reads + 1
 
-    lax.while_loop(lambda state: state[0] < count, read, read((jnp.int32(0), index)))
+    lax.while_loop(lambda state: (state[0] < count) & (state[2] < SPIN_LIMIT), read,
+                   read((jnp.int32(0), index, jnp.int32(0))))
 
 
 def _projection_kernel(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, *, tiles: Tiles,
