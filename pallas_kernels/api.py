@@ -102,9 +102,10 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, *, base_out=None, b
     """base_out + scales[i] * (x[t] @ a_pool[i, :, :ranks[i]]) @ b_pool[i, :ranks[i], :] per token t.
 
     x (T, d_in); a_pool (N, d_in, R); b_pool (N, R, d_out); slot_ids (T,) int32 with -1 (or any
-    id outside [0, N)) for no adapter; ranks (N,) int32, taken as clipped to [0, R]; scales (N,) float32; base_out
-    (T, d_out) or None for zeros. bfloat16 or float32 inputs, float32 accumulation, output in x's
-    dtype. `tiles` overrides the tile-table lookup (it is fitted to the shape first).
+    id outside [0, N)) for no adapter; ranks (N,) int32, taken as clipped to [0, R]; scales (N,)
+    float32; base_out (T, d_out) or None for zeros. bfloat16 or float32 inputs, float32
+    accumulation, output in x's dtype. `tiles` overrides the tile-table lookup (it is fitted to the
+    shape first).
     """
     key = _validate(x, a_pool, b_pool, slot_ids, ranks, scales, base_out=base_out)
     backend = resolve_backend(backend)

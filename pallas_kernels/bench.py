@@ -117,7 +117,8 @@ def targets(rows: list[dict]) -> list[dict]:
             check(case, f"kernel / floor <= {FLOOR_MULTIPLE[case]}", row["kernel / floor"],
                   row["kernel / floor"] <= FLOOR_MULTIPLE[case])
         if case in LAUNCH_BOUND_US:
-            check(case, f"kernel us <= {LAUNCH_BOUND_US[case]}", row["kernel us"], row["kernel us"] <= LAUNCH_BOUND_US[case])
+            check(case, f"kernel us <= {LAUNCH_BOUND_US[case]}", row["kernel us"],
+                  row["kernel us"] <= LAUNCH_BOUND_US[case])
         check(case, f"vLLM / kernel >= {VLLM_SPEEDUP[case]}", row["vLLM / kernel"],
               row["vLLM / kernel"] >= VLLM_SPEEDUP[case])
         if case in FUSED_OVER_BASE:
