@@ -19,7 +19,10 @@ VARIANTS = [  # (backend, tiles, id): the reference, every GPU variant, the TPU 
     *(("pallas_gpu", tiles, f"gpu-{name}") for name, tiles in GPU_VARIANTS.items()),
     ("pallas_tpu", TPU_TILES, "tpu"),
 ]
-PROJECTION_VARIANTS = VARIANTS + [("pallas_tpu", dataclasses.replace(TPU_TILES, fuse_shrink=True), "tpu-fuse-shrink")]
+# one_launch applies to the projection only after XLA's base GEMM: without xla_base a variant would
+# repeat its twin without one_launch.
+PROJECTION_VARIANTS = [v for v in VARIANTS if v[1] is None or v[1].xla_base or not v[1].one_launch] + [
+    ("pallas_tpu", dataclasses.replace(TPU_TILES, fuse_shrink=True), "tpu-fuse-shrink")]
 
 
 def _variants(variants):
