@@ -82,3 +82,14 @@ CASES = [
     # a rank buffer over 128 (SNELLA served unmerged): several rank blocks, skipped past each rank
     Case("rank-over-128", 19, 128, 128, (256, 130, 7), 256, "mixed", False),
 ]
+
+
+def ranks_outside_the_buffer(seed: int = 2) -> tuple[dict, dict]:
+    """The mixed case (float32) with ranks past its rank buffer R and below 0, and the same arrays with
+    them clipped to [0, R]: what every kernel must compute, without reading past R (where the pool's
+    next slot lies)."""
+    data = CASES[0].arrays("float32", seed=seed)
+    rank_buffer = data["a_pool"].shape[2]
+    ranks = np.asarray([rank_buffer + 24, -3, 8, 0, 100, rank_buffer])
+    clipped = {**data, "ranks": jnp.asarray(np.clip(ranks, 0, rank_buffer), jnp.int32)}
+    return {**data, "ranks": jnp.asarray(ranks, jnp.int32)}, clipped

@@ -5,12 +5,17 @@ every output element is written and no unwritten intermediate is read.
 """
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from tests.pallas_kernels.cases import CASES, GPU_VARIANTS, TOLERANCE, TPU_TILES
+from tests.pallas_kernels.cases import (
+    CASES,
+    GPU_VARIANTS,
+    TOLERANCE,
+    TPU_TILES,
+    ranks_outside_the_buffer,
+)
 from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
 
 LORA_ARGS = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
@@ -21,8 +26,8 @@ VARIANTS = [  # (backend, tiles, id): the reference, every GPU variant, the TPU 
 ]
 # one_launch applies to the projection only after XLA's base GEMM: without xla_base a variant would
 # repeat its twin without one_launch.
-PROJECTION_VARIANTS = [v for v in VARIANTS if v[1] is None or v[1].xla_base or not v[1].one_launch] + [
-    ("pallas_tpu", dataclasses.replace(TPU_TILES, fuse_shrink=True), "tpu-fuse-shrink")]
+TPU_FUSE_SHRINK = ("pallas_tpu", dataclasses.replace(TPU_TILES, fuse_shrink=True), "tpu-fuse-shrink")
+PROJECTION_VARIANTS = [v for v in VARIANTS if v[1] is None or v[1].xla_base or not v[1].one_launch] + [TPU_FUSE_SHRINK]
 
 
 def _variants(variants):
@@ -48,16 +53,10 @@ def test_batched_lora_matches_float64_reference(case, backend, tiles, dtype):
     np.testing.assert_array_equal(as_f64(out)[no_adapter], base[no_adapter])
 
 
-@_variants(PROJECTION_VARIANTS)
+@_variants([*VARIANTS, TPU_FUSE_SHRINK])
 def test_ranks_outside_the_buffer_are_clipped_to_it(backend, tiles):
-    """A rank past the rank buffer R means R, and a negative one 0, in every kernel as in the reference
-    (the kernels must not read past R: the pool's next slot lies there)."""
-    case = CASES[0]
-    data = case.arrays("float32", seed=2)
-    rank_buffer = data["a_pool"].shape[2]
-    ranks = np.asarray([rank_buffer + 24, -3, 8, 0, 100, rank_buffer])
-    data["ranks"] = jnp.asarray(ranks, jnp.int32)
-    clipped = {**data, "ranks": jnp.asarray(np.clip(ranks, 0, rank_buffer), jnp.int32)}
+    """A rank past the rank buffer R means R, and a negative one 0, in every kernel as in the reference."""
+    data, clipped = ranks_outside_the_buffer()
     expected = lora_delta_f64(*(clipped[k] for k in LORA_ARGS))
     out = pk.batched_lora(*(data[k] for k in LORA_ARGS), backend=backend, interpret=True, tiles=tiles)
     assert relative_error(out, expected) <= TOLERANCE["float32"]

@@ -10,7 +10,12 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import tune
-from tests.pallas_kernels.cases import CASES, GPU_VARIANTS, TOLERANCE
+from tests.pallas_kernels.cases import (
+    CASES,
+    GPU_VARIANTS,
+    TOLERANCE,
+    ranks_outside_the_buffer,
+)
 from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
 
 pytestmark = [
@@ -35,6 +40,14 @@ def test_small_cases_match_float64(case, tiles, dtype):
                                    tiles=tiles)
     expected = as_f64(data["x"]) @ as_f64(data["w"]) + lora_delta_f64(*(data[k] for k in LORA_ARGS))
     assert relative_error(projected, expected) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("tiles", GPU_VARIANTS.values(), ids=GPU_VARIANTS)
+def test_ranks_outside_the_buffer_are_clipped_to_it(tiles):
+    data, clipped = ranks_outside_the_buffer()
+    expected = lora_delta_f64(*(clipped[k] for k in LORA_ARGS))
+    delta = pk.batched_lora(*(data[k] for k in LORA_ARGS), backend="pallas_gpu", tiles=tiles)
+    assert relative_error(delta, expected) <= TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize("workload", tune.GRID, ids=lambda w: f"T{w.tokens}-r{w.rank}-{w.label}-pool{w.pool}")
