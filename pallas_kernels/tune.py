@@ -13,7 +13,8 @@ hill climb from the fastest through its one-step neighbours, for the rest of the
 is faster (`climb`), or until the key's share of --minutes is spent. Entries are keyed as calls look
 them up (`tiles.call_key`: adapters = min(pool, T)), so workloads that differ only in their distinct
 adapters share a key, and its winner is the fastest summed over them. Candidates that fail to compile or
-launch (shared memory, registers) are skipped. With --update the table at --out keeps its other entries
+launch (shared memory, registers), or whose output differs from the reference backend's by more than
+MAX_RELATIVE_ERROR, are skipped. With --update the table at --out keeps its other entries
 and each tuned key's current entry is timed too. The table records the device kind and jax version.
 `--quick --interpret` runs a tiny grid in Pallas interpret mode so the tool itself can be exercised on
 CPU; its timings there mean nothing.
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from pallas_kernels import api, timing
@@ -45,6 +47,7 @@ QUICK_GRID = [Workload(tokens, 128, 128, 16, adapters, pool=8, requests=requests
               for tokens, adapters, requests in [(16, 2, None), (16, 8, None), (64, 2, None), (64, 2, 4)]]
 SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink", "atomic_split_k", "one_launch"),
             "pallas_tpu": ("fuse_shrink",)}
+MAX_RELATIVE_ERROR = 2e-2  # of a candidate's output against the reference backend's (bf16 workloads)
 KNOBS = {"pallas_gpu": ("block_n", "split_k", "block_t", "split_runs", "num_warps", "num_stages", "block_k"),
          "pallas_tpu": ("block_t", "block_k", "block_n")}
 
@@ -136,14 +139,31 @@ def shape_grid(quick: bool, specs: list[str] = ()) -> list[Workload]:
     return [Workload.parse(spec, hidden, pool) for spec in specs] or (QUICK_GRID if quick else GRID)
 
 
-def _time_tiles(data: list[dict], key: ShapeKey, tiles: Tiles, backend: str, args) -> float:
+def _operation(key: ShapeKey, backend: str, tiles: Tiles | None, interpret: bool) -> tuple[Callable, tuple]:
+    """The call that a key's tiles serve (fused: lora_projection, else batched_lora), and the names of
+    the workload arrays it takes."""
     lora_keys = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
-    kw = dict(backend=backend, interpret=args.interpret, tiles=tiles)
+    kw = {"backend": backend, "interpret": interpret, "tiles": tiles}
     if key.fused:
-        fn, keys = (lambda *a: api.lora_projection(*a, **kw)), ("x", "w", *lora_keys[1:])
-    else:
-        fn, keys = (lambda *a: api.batched_lora(*a, **kw)), lora_keys
-    return timing.seconds_per_call(fn, [tuple(d[k] for k in keys) for d in data], calls=args.calls,
+        return (lambda *a: api.lora_projection(*a, **kw)), ("x", "w", *lora_keys[1:])
+    return (lambda *a: api.batched_lora(*a, **kw)), lora_keys
+
+
+def _result(arrays: dict, key: ShapeKey, backend: str, tiles: Tiles | None, interpret: bool) -> jax.Array:
+    fn, names = _operation(key, backend, tiles, interpret)
+    return fn(*(arrays[name] for name in names))
+
+
+def _relative_error(actual: jax.Array, expected: jax.Array) -> float:
+    """max |actual - expected| / max |expected|, in float32 (NaN where either holds a NaN)."""
+    actual, expected = actual.astype(jnp.float32), expected.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(expected)), 1e-30)
+    return float(jnp.max(jnp.abs(actual - expected)) / scale)
+
+
+def _time_tiles(data: list[dict], key: ShapeKey, tiles: Tiles, backend: str, args) -> float:
+    fn, names = _operation(key, backend, tiles, args.interpret)
+    return timing.seconds_per_call(fn, [tuple(d[name] for name in names) for d in data], calls=args.calls,
                                    per_iteration=args.per_iteration)
 
 
@@ -206,14 +226,22 @@ def main(argv: list[str] | None = None) -> TileTable:
         data = {w: [w.arrays(seed) for seed in range(timing.copies_past_cache(
             w.copy_bytes(), max_copies=1 if args.quick else 4))] for w in users}
 
-        def measure(tiles: Tiles, key=key, users=users, data=data) -> float:
+        # What every candidate must compute: the reference backend's result on the first copy.
+        expected = {w: _result(data[w][0], key, "reference", None, False) for w in users}
+
+        def measure(tiles: Tiles, key=key, users=users, data=data, expected=expected) -> float:
             each = {}
             for workload in users:
+                each[workload] = float("inf")
                 try:
-                    each[workload] = _time_tiles(data[workload], key, tiles, backend, args)
+                    error = _relative_error(_result(data[workload][0], key, backend, tiles, args.interpret),
+                                            expected[workload])
+                    if error <= MAX_RELATIVE_ERROR:
+                        each[workload] = _time_tiles(data[workload], key, tiles, backend, args)
+                    else:  # a kernel variant this device computes wrongly must never win
+                        tqdm.write(f"{workload} {tiles}: skipped, wrong result (relative error {error:.3g})")
                 except Exception as error:  # noqa: BLE001 - a tile the device cannot run is just a loser
                     tqdm.write(f"{workload} {tiles}: skipped, {type(error).__name__}: {str(error)[:200]}")
-                    each[workload] = float("inf")
             times[key][tiles] = each
             progress.update()
             tqdm.write(f"{key} {tiles}: " + ", ".join(f"{w.label} {t * 1e6:.1f}" for w, t in each.items()) + " us")

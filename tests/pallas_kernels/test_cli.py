@@ -63,6 +63,28 @@ def test_tune_out_of_minutes_keeps_each_keys_first_tiles(tmp_path, capsys):
         tune.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--minutes", "0"])
 
 
+def test_tune_never_picks_tiles_that_compute_wrongly(tmp_path, monkeypatch, capsys):
+    """Slot-sorted tiles made the fastest and wrong (their output off by 10%): tune skips them, so the
+    heuristic's natural-order tiles win; made fastest and right, they win (so the check is what
+    decided)."""
+    def fake_time(data, key, tiles, backend, args):
+        return 1.0 if tiles.sort else 2.0
+
+    def fake_batched_lora(*args, tiles=None, **kw):
+        out = real_batched_lora(*args, tiles=tiles, **kw)
+        return out * 1.1 if tiles is not None and tiles.sort and wrong else out
+
+    real_batched_lora = api.batched_lora
+    monkeypatch.setattr(tune, "_time_tiles", fake_time)
+    monkeypatch.setattr(api, "batched_lora", fake_batched_lora)
+    args = ["--quick", "--interpret", "--backend", "pallas_gpu", "--shape", "16,8,2", "--max-candidates", "2"]
+    [workload] = tune.shape_grid(True, ["16,8,2"])
+    for wrong in (True, False):
+        table = tune.main([*args, "--out", str(tmp_path / f"{wrong}.json")])
+        assert table.entries[workload.key(False)].sort is not wrong
+        assert ("wrong result" in capsys.readouterr().out) is wrong
+
+
 def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
     result = bench.main(["--quick", "--interpret", "--backend", "pallas_gpu", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
