@@ -24,7 +24,7 @@ import jax
 from tqdm import tqdm
 
 from pallas_kernels import api, baselines, timing
-from pallas_kernels.workload import Workload
+from pallas_kernels.workload import Workload, operation
 
 ANCHORS = {  # name: (tokens, rank, adapters); d_in = d_out = 4096, pool of 64
     "decode-few": (32, 16, 4),
@@ -76,18 +76,16 @@ def _measure(name: str, workload: Workload, bandwidth: float, args) -> dict:
     time = lambda fn, keys: 1e6 * timing.seconds_per_call(  # noqa: E731
         fn, [tuple(d[k] for k in keys) for d in data], calls=args.calls, repeats=args.repeats,
         per_iteration=args.per_iteration)
-    lora_keys = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
-    kw = dict(backend=args.backend, interpret=args.interpret)
     distinct = workload.distinct_adapters(data[0])
     floor_us = 1e6 * workload.floor_bytes(distinct) / bandwidth
-    kernel_us = time(lambda *a: api.batched_lora(*a, **kw), lora_keys)
+    kernel_us = time(*operation(False, args.backend, interpret=args.interpret))
     row = {"case": name, "T": workload.tokens, "rank": workload.rank, "distinct": distinct,
            "floor us": floor_us, "kernel us": kernel_us, "kernel / floor": kernel_us / floor_us}
     for label, formulation in baselines.FORMULATIONS.items():
         stock_us = time(formulation, ("x", "a_pool", "b_pool", "slot_ids", "scales"))
         row[f"{label} / floor"] = stock_us / floor_us
     row["base us"] = time(lambda x, w: x @ w, ("x", "w"))
-    row["fused us"] = time(lambda x, w, *rest: api.lora_projection(x, w, *rest, **kw), ("x", "w", *lora_keys[1:]))
+    row["fused us"] = time(*operation(True, args.backend, interpret=args.interpret))
     row["fused / base"] = row["fused us"] / row["base us"]
     vllm = vllm_us(name, workload)
     row["vLLM / kernel"] = None if vllm is None else vllm / kernel_us

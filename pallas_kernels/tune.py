@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pallas_kernels import api, timing
 from pallas_kernels.tiles import ShapeKey, Tiles, TileTable, fit, heuristic, table_path
-from pallas_kernels.workload import Workload
+from pallas_kernels.workload import Workload, operation
 
 GRID = [Workload(tokens, 4096, 4096, rank, adapters, **kw) for tokens, rank, adapters, kw in [
     (32, 16, 4, {}), (32, 16, 32, {}), (256, 16, 32, {}), (256, 64, 32, {}), (4096, 64, 4, {}),  # the anchors
@@ -79,7 +79,7 @@ def candidates(key: ShapeKey, backend: str, limit: int, incumbent: Tiles | None 
         if backend == "pallas_gpu" and switch == "fuse_shrink" and not first.fuse_shrink:
             found.append(one_kernel(first, key, backend))
         else:
-            found.append(fit(dataclasses.replace(first, **{switch: not getattr(first, switch)}), key, backend))
+            found.append(_flipped(first, switch, key, backend))
     if backend == "pallas_gpu":
         found += [one_kernel(first, key, backend, **variant) for variant in ONE_KERNEL_VARIANTS]
     found += knob_neighbours(first, key, backend)
@@ -96,10 +96,13 @@ def knob_neighbours(tiles: Tiles, key: ShapeKey, backend: str) -> list[Tiles]:
     return [t for t in dict.fromkeys(found) if t != tiles]
 
 
+def _flipped(tiles: Tiles, switch: str, key: ShapeKey, backend: str) -> Tiles:
+    return fit(dataclasses.replace(tiles, **{switch: not getattr(tiles, switch)}), key, backend)
+
+
 def neighbours(tiles: Tiles, key: ShapeKey, backend: str) -> list[Tiles]:
     """What `climb` steps to: one knob changed (`knob_neighbours`) or one switch flipped."""
-    flipped = [fit(dataclasses.replace(tiles, **{switch: not getattr(tiles, switch)}), key, backend)
-               for switch in SWITCHES[backend]]
+    flipped = [_flipped(tiles, switch, key, backend) for switch in SWITCHES[backend]]
     return [t for t in dict.fromkeys(knob_neighbours(tiles, key, backend) + flipped) if t != tiles]
 
 
@@ -139,18 +142,8 @@ def shape_grid(quick: bool, specs: list[str] = ()) -> list[Workload]:
     return [Workload.parse(spec, hidden, pool) for spec in specs] or (QUICK_GRID if quick else GRID)
 
 
-def _operation(key: ShapeKey, backend: str, tiles: Tiles | None, interpret: bool) -> tuple[Callable, tuple]:
-    """The call that a key's tiles serve (fused: lora_projection, else batched_lora), and the names of
-    the workload arrays it takes."""
-    lora_keys = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
-    kw = {"backend": backend, "interpret": interpret, "tiles": tiles}
-    if key.fused:
-        return (lambda *a: api.lora_projection(*a, **kw)), ("x", "w", *lora_keys[1:])
-    return (lambda *a: api.batched_lora(*a, **kw)), lora_keys
-
-
 def _result(arrays: dict, key: ShapeKey, backend: str, tiles: Tiles | None, interpret: bool) -> jax.Array:
-    fn, names = _operation(key, backend, tiles, interpret)
+    fn, names = operation(key.fused, backend, tiles, interpret)
     return fn(*(arrays[name] for name in names))
 
 
@@ -162,7 +155,7 @@ def _relative_error(actual: jax.Array, expected: jax.Array) -> float:
 
 
 def _time_tiles(data: list[dict], key: ShapeKey, tiles: Tiles, backend: str, args) -> float:
-    fn, names = _operation(key, backend, tiles, args.interpret)
+    fn, names = operation(key.fused, backend, tiles, args.interpret)
     return timing.seconds_per_call(fn, [tuple(d[name] for name in names) for d in data], calls=args.calls,
                                    per_iteration=args.per_iteration)
 

@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.tiles import ShapeKey, call_key
+from pallas_kernels import api
+from pallas_kernels.tiles import ShapeKey, Tiles, call_key
+
+LORA_ARRAYS = ("x", "a_pool", "b_pool", "slot_ids", "ranks", "scales")
+
+
+def operation(fused: bool, backend: str, tiles: Tiles | None = None,
+              interpret: bool = False) -> tuple[Callable, tuple[str, ...]]:
+    """The call that bench and tune time (fused: lora_projection, else batched_lora; tiles None: the
+    table's), and the names of the `Workload.arrays` it takes, in order."""
+    kw = {"backend": backend, "interpret": interpret, "tiles": tiles}
+    if fused:
+        return (lambda *a: api.lora_projection(*a, **kw)), ("x", "w", *LORA_ARRAYS[1:])
+    return (lambda *a: api.batched_lora(*a, **kw)), LORA_ARRAYS
 
 
 @dataclasses.dataclass(frozen=True)
