@@ -20,10 +20,12 @@ decode tiles hold many runs and are too few to fill the GPU on their own.
   A re-read from L2), so a decode delta is one launch (two with sort) and xa never goes through HBM.
 - shrink + expand in one launch (tiles.one_launch): both kernels' programs in one grid, roles by
   atomic ticket, each expand program waiting for its token tile's shrink programs
-  (`_one_launch_kernel`), so a decode delta pays one launch with no recompute.
+  (`_one_launch_kernel`), so a decode delta pays one launch with no recompute. The projection's
+  shrink and GEMM programs likewise, each GEMM program waiting only before its epilogue.
 - projection: grid (tiles, d_out tiles), natural-order tiles whatever tiles.sort says. y = x @ W
   with x and W loaded as contiguous blocks and the expand as its epilogue, so W is read once per
-  token tile and y written once; the shrink kernel (sorted or not) runs first.
+  token tile and y written once; the shrink kernel (sorted or not) runs first, or with
+  tiles.one_launch in the same launch (x, W and y then indexed as whole arrays, `_projection_program`).
 
 With tiles.expand_rows the expand (of the delta and of the projection's epilogue) skips the runs and
 lets every row gather its own adapter's B instead (`_expand_rows`): for decode, where the runs of a
@@ -337,26 +339,40 @@ def _expand_program(order_ref, slot_ref, ranks_ref, xa_refs, b_ref, base_ref, ou
     plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype), mask=mask)
 
 
-def _one_launch_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool, interpret: bool):
-    """The two-kernel delta's programs in one launch (tiles.one_launch). Operands: [order,] slots,
-    ranks, scales, x, A, B, [base,] the zeroed tickets and, with atomic_split_k, the zeroed xa (both
-    aliased to outputs); outputs y, xa, tickets.
+def _one_launch_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool, gemm: bool, interpret: bool):
+    """The shrink's programs and the expand's, or the projection's GEMM programs, in one launch
+    (tiles.one_launch). Operands: [order,] slots, ranks, scales, x, A, B, [base or, with `gemm`, W,]
+    the zeroed tickets and, with atomic_split_k, the zeroed xa (both aliased to outputs); outputs y,
+    xa, tickets.
 
     A program's role is its ticket (tickets[0], taken atomically), not its program id: the first
-    tickets are the shrink's programs, the rest the expand's. Each shrink program counts itself in
-    at tickets[1 + token tile] (after a CTA barrier, so every thread's partial is stored before that
-    release), and each expand program waits for its tile's count. An expand ticket is drawn only
-    after every shrink ticket went to a program already running, so the wait cannot deadlock on a
-    GPU, and interpret mode, which runs programs one after another, hands the shrink tickets out
-    first. The second launch and the expand's slot loads leave the critical path of a decode call.
+    tickets are the shrink's programs, the rest expand or GEMM programs. Each shrink program counts
+    itself in at tickets[1 + token tile] (after a CTA barrier, so every thread's partial is stored
+    before that release), and each later program waits for the count of the shrink programs whose xa
+    it reads: the expand before it reads xa, the GEMM after its K loop (the shrink then hides behind
+    the GEMM), before its epilogue. The GEMM walks natural-order tiles, so with tiles.sort every
+    shrink program counts at tickets[1] and the GEMM waits for all of them. A later ticket is drawn
+    only after every shrink ticket went to a program already running, so the wait cannot deadlock on
+    a GPU, and interpret mode, which runs programs one after another, hands the shrink tickets out
+    first. The second launch and the slot loads of the expand (or the whole shrink, behind the GEMM)
+    leave the critical path of a decode call.
     """
     order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, b_ref, *refs) = _split_refs(refs, tiles.sort)
-    base_ref = refs[0] if add_base else None
+    extra_ref = refs[0] if add_base or gemm else None
     out_ref, xa_ref, tickets_ref = refs[-3:]
+    token_tiles, n_blocks = pl.cdiv(slot_ref.shape[0], tiles.block_t), pl.cdiv(out_ref.shape[1], tiles.block_n)
     shrink_per_tile = tiles.split_runs * tiles.split_k
-    expand_groups, n_blocks = 1 if tiles.expand_rows else tiles.split_runs, pl.cdiv(out_ref.shape[1], tiles.block_n)
-    shrink_tickets = pl.cdiv(slot_ref.shape[0], tiles.block_t) * shrink_per_tile
+    shrink_tickets = token_tiles * shrink_per_tile
+    count_all = gemm and tiles.sort  # the GEMM's natural-order tile may hold tokens of any sorted tile
+    finished = shrink_tickets if count_all else shrink_per_tile
+
     program = {"tiles": tiles, "num_slots": num_slots}
+
+    def counter(tile):  # where a token tile's shrink programs count themselves in
+        return jnp.int32(1) if count_all else 1 + tile
+
+    def wait_for_shrink(tile):
+        return lambda: _wait_until(tickets_ref, counter(tile), finished)
 
     def shrink(ticket):
         tile, rest = divmod(ticket, shrink_per_tile)
@@ -364,17 +380,25 @@ def _one_launch_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool, inte
                         rest // tiles.split_k, rest % tiles.split_k, **program)
         if not interpret:
             plgpu.debug_barrier()
-        plgpu.atomic_add(tickets_ref, 1 + tile, jnp.int32(1))
+        plgpu.atomic_add(tickets_ref, counter(tile), jnp.int32(1))
         return ticket
 
     def expand(ticket):
+        expand_groups = 1 if tiles.expand_rows else tiles.split_runs
         tile, rest = divmod(ticket - shrink_tickets, expand_groups * n_blocks)
-        _expand_program(order_ref, slot_ref, ranks_ref, [xa_ref], b_ref, base_ref, out_ref, tile, rest // n_blocks,
-                        rest % n_blocks, wait=lambda: _wait_until(tickets_ref, 1 + tile, shrink_per_tile), **program)
+        _expand_program(order_ref, slot_ref, ranks_ref, [xa_ref], b_ref, extra_ref, out_ref, tile,
+                        rest // n_blocks, rest % n_blocks, wait=wait_for_shrink(tile), **program)
+        return ticket
+
+    def gemm_program(ticket):
+        tile, n_block = divmod(ticket - shrink_tickets, n_blocks)
+        _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, extra_ref, b_ref, out_ref, tile, n_block,
+                            d_in=x_ref.shape[1], blocks=False, wait=wait_for_shrink(tile), **program)
         return ticket
 
     ticket = plgpu.atomic_add(tickets_ref, jnp.int32(0), jnp.int32(1))
-    lax.cond(ticket < shrink_tickets, shrink, expand, ticket)  # each branch yields the ticket: scf.if needs a value
+    # each branch yields the ticket: scf.if needs a value
+    lax.cond(ticket < shrink_tickets, shrink, gemm_program if gemm else expand, ticket)
 
 
 def _wait_until(counter_ref, index, count: int) -> None:
@@ -391,27 +415,43 @@ def _wait_until(counter_ref, index, count: int) -> None:
 
 def _projection_kernel(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, *, tiles: Tiles,
                        num_slots: int, d_in: int):
-    """One (token tile, d_out tile) of x @ W plus the expand, x and W as contiguous blocks.
+    """Grid (token tiles, d_out tiles); x, W and y are BlockSpec blocks of the program's tile."""
+    _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, pl.program_id(0),
+                        pl.program_id(1), tiles=tiles, num_slots=num_slots, d_in=d_in, blocks=True)
+
+
+def _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, tile, n_block, *,
+                        tiles: Tiles, num_slots: int, d_in: int, blocks: bool, wait=None):
+    """One (token tile, d_out tile) of x @ W plus the expand as its epilogue.
 
     The K loop is a plain GEMM over natural-order token tiles (masks only on axes whose size the
     tile does not divide), so its loads vectorize and pipeline as in a dense Pallas GEMM; the
-    adapters only enter in the epilogue, through gathers of xa and B by token and slot.
+    adapters only enter in the epilogue, through gathers of xa and B by token and slot. With
+    `blocks`, x, W and y are the tile's contiguous blocks; otherwise whole arrays, indexed by the
+    tile's rows and columns (one_launch, whose programs are not a (tile, d_out tile) grid). `wait()`,
+    if given, runs after the K loop, before the epilogue reads xa.
     """
-    tile, n_block = pl.program_id(0), pl.program_id(1)
     bt, bk, bn = tiles.block_t, tiles.block_k, tiles.block_n
-    num_tokens, d_out = slot_ref.shape[0], b_ref.shape[2]  # x, W and out are refs to blocks
+    num_tokens, d_out = slot_ref.shape[0], b_ref.shape[2]
     rows, valid, keys = _tile(None, slot_ref, tile, bt, num_slots)
     n_idx = n_block * bn + jnp.arange(bn)
     n_ok = _tail(n_idx, d_out)
     rows_edge = valid if num_tokens % bt else None
 
     def k_step(k_block, acc):
-        k_ok = _tail(k_block * bk + jnp.arange(bk), d_in)
-        x = _load(x_ref, slice(None), pl.ds(k_block * bk, bk), mask=_edge_mask(rows_edge, k_ok))
-        w = _load(w_ref, pl.ds(k_block * bk, bk), slice(None), mask=_edge_mask(k_ok, n_ok))
+        k_idx = k_block * bk + jnp.arange(bk)
+        k_ok = _tail(k_idx, d_in)
+        if blocks:
+            x_at, w_at = (slice(None), pl.ds(k_block * bk, bk)), (pl.ds(k_block * bk, bk), slice(None))
+        else:
+            x_at, w_at = (rows[:, None], k_idx[None, :]), (k_idx[:, None], n_idx[None, :])
+        x = _load(x_ref, *x_at, mask=_edge_mask(rows_edge, k_ok))
+        w = _load(w_ref, *w_at, mask=_edge_mask(k_ok, n_ok))
         return acc + _dot(x, w)
 
     acc = lax.fori_loop(0, pl.cdiv(d_in, bk), k_step, jnp.zeros((bt, bn), jnp.float32))
+    if wait is not None:
+        wait()
     refs = dict(n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, b_ref=b_ref, num_slots=num_slots)
     if tiles.expand_rows:
         acc = _expand_rows(acc, keys, rows, xa_ref=xa_ref, **refs)
@@ -419,7 +459,8 @@ def _projection_kernel(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref
         xa_block = _xa_partials(xa_ref, rows)
         acc = _for_each_run(keys, num_slots, lambda key, in_run, acc: _expand_run(
             acc, key, in_run, xa_block=xa_block, block_r=tiles.block_r, **refs), acc)
-    plgpu.store(out_ref, acc.astype(out_ref.dtype), mask=_edge_mask(rows_edge, n_ok))
+    out = out_ref if blocks else out_ref.at[rows[:, None], n_idx[None, :]]
+    plgpu.store(out, acc.astype(out_ref.dtype), mask=_edge_mask(rows_edge, n_ok))
 
 
 def _call(kernel, grid, out_shape, tiles: Tiles, interpret: bool, name: str, *operands, num_warps=None, **specs):
@@ -461,39 +502,54 @@ def _shrink(order: list, x, a_pool, slot_ids, ranks, scales, tiles: Tiles, inter
                  input_output_aliases={len(operands): 0} if zeros else {})
 
 
+def _one_launch(order: list, x, a_pool, b_pool, slot_ids, ranks, scales, extra: list, tiles: Tiles,
+                interpret: bool, *, gemm: bool) -> tuple[jax.Array, jax.Array]:
+    """y and the final tickets of `_one_launch_kernel`: the shrink's programs, then the expand's
+    (`extra` = [base] or []) or, with `gemm`, the projection's (`extra` = [W])."""
+    num_slots, rank_buffer, d_out = b_pool.shape
+    num_tokens = x.shape[0]
+    token_tiles, n_blocks = pl.cdiv(num_tokens, tiles.block_t), pl.cdiv(d_out, tiles.block_n)
+    kernel = functools.partial(_one_launch_kernel, tiles=tiles, num_slots=num_slots, add_base=bool(extra) and not gemm,
+                               gemm=gemm, interpret=interpret)
+    xa, xa_zeros = _xa_buffer(num_tokens, rank_buffer, tiles)
+    tickets = jnp.zeros((1 + token_tiles,), jnp.int32)  # [next ticket, finished shrinks per token tile]
+    operands = [*order, slot_ids, ranks, scales, x, a_pool, b_pool, *extra, tickets, *xa_zeros]
+    aliases = {len(operands) - len(xa_zeros) - 1: 2} | ({len(operands) - 1: 1} if xa_zeros else {})
+    groups = 1 if gemm or tiles.expand_rows else tiles.split_runs
+    programs = token_tiles * (tiles.split_runs * tiles.split_k + groups * n_blocks)  # shrink's, then the rest
+    outs = (jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype), xa, jax.ShapeDtypeStruct(tickets.shape, tickets.dtype))
+    name = "atmm_shrink_projection" if gemm else "atmm_shrink_expand"
+    y, _, tickets = _call(kernel, (programs,), outs, tiles, interpret, name, *operands,
+                          input_output_aliases=aliases)
+    return y, tickets
+
+
 def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Tiles,
                  interpret: bool) -> jax.Array:
     """base_out (or zeros) + every token's LoRA delta, in x's dtype: [sort,] shrink, expand; with
     tiles.fuse_shrink [sort,] one kernel, the expand computing its own xa (`_xa_recomputed`); with
     tiles.one_launch [sort,] the shrink's and the expand's programs in one launch."""
-    num_slots, rank_buffer, d_out = b_pool.shape
+    num_slots, _, d_out = b_pool.shape
     num_tokens = x.shape[0]
     order = _order(slot_ids, num_slots, tiles, interpret)
     base = [] if base_out is None else [base_out]
-    out = jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype)
-    token_tiles = pl.cdiv(num_tokens, tiles.block_t)
-    grid = (token_tiles, 1 if tiles.expand_rows else tiles.split_runs, pl.cdiv(d_out, tiles.block_n))
     if tiles.one_launch:
-        kernel = functools.partial(_one_launch_kernel, tiles=tiles, num_slots=num_slots, add_base=bool(base),
-                                   interpret=interpret)
-        xa, xa_zeros = _xa_buffer(num_tokens, rank_buffer, tiles)
-        tickets = jnp.zeros((1 + token_tiles,), jnp.int32)  # [next ticket, finished shrinks per token tile]
-        operands = [*order, slot_ids, ranks, scales, x, a_pool, b_pool, *base, tickets, *xa_zeros]
-        aliases = {len(operands) - len(xa_zeros) - 1: 2} | ({len(operands) - 1: 1} if xa_zeros else {})
-        programs = token_tiles * tiles.split_runs * tiles.split_k + math.prod(grid)  # shrink's, then expand's
-        outs = (out, xa, jax.ShapeDtypeStruct(tickets.shape, tickets.dtype))
-        return _call(kernel, (programs,), outs, tiles, interpret, "atmm_shrink_expand", *operands,
-                     input_output_aliases=aliases)[0]
+        return _one_launch(order, x, a_pool, b_pool, slot_ids, ranks, scales, base, tiles, interpret,
+                           gemm=False)[0]
     if tiles.fuse_shrink:
         xa, name = [scales, x, a_pool], "atmm_delta"
     else:
         xa, name = [_shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)], "atmm_expand"
     kernel = functools.partial(_expand_kernel, tiles=tiles, num_slots=num_slots, add_base=bool(base))
+    grid = (pl.cdiv(num_tokens, tiles.block_t), 1 if tiles.expand_rows else tiles.split_runs,
+            pl.cdiv(d_out, tiles.block_n))
+    out = jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype)
     return _call(kernel, grid, out, tiles, interpret, name, *order, slot_ids, ranks, *xa, b_pool, *base)
 
 
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
-    """x @ W + every token's LoRA delta: [sort,] shrink, then one GEMM with the expand as epilogue.
+    """x @ W + every token's LoRA delta: [sort,] shrink, then one GEMM with the expand as epilogue
+    (with tiles.one_launch the shrink's programs and the GEMM's in one launch).
 
     The GEMM walks token tiles in natural order whatever tiles.sort says (sort orders the shrink
     only, which writes xa by token): x and W then load as contiguous blocks, and W is read once per
@@ -505,10 +561,12 @@ def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles,
         return batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base, tiles, interpret)
     num_slots, _, d_out = b_pool.shape
     num_tokens, d_in = x.shape
+    order = _order(slot_ids, num_slots, tiles, interpret)
+    if tiles.one_launch:
+        return _one_launch(order, x, a_pool, b_pool, slot_ids, ranks, scales, [w], tiles, interpret, gemm=True)[0]
     bt, bn = tiles.block_t, tiles.block_n
     k_span = pl.cdiv(d_in, tiles.block_k) * tiles.block_k  # the K loop's last block may pass d_in
-    xa = _shrink(_order(slot_ids, num_slots, tiles, interpret), x, a_pool, slot_ids, ranks, scales, tiles,
-                 interpret)
+    xa = _shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)
     whole = pl.BlockSpec()
     specs = dict(in_specs=[whole, whole, whole, pl.BlockSpec((bt, k_span), lambda i, j: (i, 0)),
                            pl.BlockSpec((k_span, bn), lambda i, j: (0, j)), whole],

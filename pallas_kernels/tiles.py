@@ -38,7 +38,8 @@ class Tiles:
     partial instead of split_k: at prefill the re-read partials are the largest traffic, PERF.md);
     one_launch (the two-kernel delta's shrink and expand programs in one launch, each expand
     program waiting for its token tile's shrink programs: one launch and one dependent load chain
-    fewer, for decode).
+    fewer, for decode; in lora_projection without xla_base, the shrink's programs and the Pallas
+    GEMM's, each GEMM program waiting before its epilogue, so the shrink hides behind the GEMM).
     lora_projection's GEMM always walks natural-order tiles; sort there orders its shrink only. See
     gpu.py.
 
@@ -140,7 +141,7 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             expand_rows=tiles.expand_rows and not fuse_shrink,
             xla_base=xla_base,
             atomic_split_k=tiles.atomic_split_k and split_k > 1,
-            one_launch=tiles.one_launch and not fuse_shrink and (xla_base or not key.fused),
+            one_launch=tiles.one_launch and not fuse_shrink,
         )
     if backend == "pallas_tpu":
         # Token tiles of 16 keep bf16 (16, 128) sublane packing; the padded token layout is a

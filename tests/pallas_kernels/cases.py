@@ -13,7 +13,8 @@ GPU_TILES = Tiles(block_t=16, block_k=64, block_r=64, block_n=128, split_k=2, nu
 # programs (split-K with an empty split; its partials stored apart or added up by atomics), expand per
 # run or per row (also as the Pallas GEMM's epilogue), the base GEMM in Pallas or XLA, the delta as
 # two kernels or as one (fuse_shrink: also lora_projection's delta after XLA's base GEMM), or the two
-# kernels' programs in one launch (one_launch).
+# kernels' programs in one launch (one_launch; in lora_projection the shrink's and the Pallas GEMM's,
+# waiting for all shrink programs when sorted, for their token tile's otherwise).
 GPU_VARIANTS = {
     "natural": GPU_TILES,
     "sorted-split-runs": dataclasses.replace(GPU_TILES, sort=True, split_runs=3, split_k=3),
@@ -24,7 +25,7 @@ GPU_VARIANTS = {
     "one-launch-sorted-split-runs": dataclasses.replace(GPU_TILES, one_launch=True, sort=True, split_runs=3,
                                                         split_k=3),
     "one-launch-atomic-split-k-expand-rows": dataclasses.replace(GPU_TILES, one_launch=True, atomic_split_k=True,
-                                                                 expand_rows=True, xla_base=True),
+                                                                 expand_rows=True),
     "one-kernel": dataclasses.replace(GPU_TILES, fuse_shrink=True, xla_base=True),
     "one-kernel-sorted-split-runs": dataclasses.replace(GPU_TILES, fuse_shrink=True, xla_base=True, sort=True,
                                                         split_runs=3),

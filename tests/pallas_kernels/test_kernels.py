@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels import gpu
 from tests.pallas_kernels.cases import (
     CASES,
     GPU_VARIANTS,
@@ -24,10 +25,7 @@ VARIANTS = [  # (backend, tiles, id): the reference, every GPU variant, the TPU 
     *(("pallas_gpu", tiles, f"gpu-{name}") for name, tiles in GPU_VARIANTS.items()),
     ("pallas_tpu", TPU_TILES, "tpu"),
 ]
-# one_launch applies to the projection only after XLA's base GEMM: without xla_base a variant would
-# repeat its twin without one_launch.
 TPU_FUSE_SHRINK = ("pallas_tpu", dataclasses.replace(TPU_TILES, fuse_shrink=True), "tpu-fuse-shrink")
-PROJECTION_VARIANTS = [v for v in VARIANTS if v[1] is None or v[1].xla_base or not v[1].one_launch] + [TPU_FUSE_SHRINK]
 
 
 def _variants(variants):
@@ -66,7 +64,7 @@ def test_ranks_outside_the_buffer_are_clipped_to_it(backend, tiles):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@_variants(PROJECTION_VARIANTS)
+@_variants([*VARIANTS, TPU_FUSE_SHRINK])
 @pytest.mark.parametrize("case", [c for c in CASES if c.name != "no-adapter"], ids=lambda c: c.name)
 def test_lora_projection_matches_float64_reference(case, backend, tiles, dtype):
     data = case.arrays(dtype, seed=1)
@@ -76,3 +74,22 @@ def test_lora_projection_matches_float64_reference(case, backend, tiles, dtype):
     assert out.shape == expected.shape and out.dtype == data["x"].dtype
     assert np.isfinite(as_f64(out)).all()
     assert relative_error(out, expected) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("gemm", [False, True], ids=["expand", "gemm"])
+@pytest.mark.parametrize("name", [n for n, t in GPU_VARIANTS.items() if t.one_launch])
+def test_one_launch_counts_every_program_where_its_waiters_look(name, gemm):
+    """Every program draws one ticket, and the shrink programs' counts end where the later programs
+    wait: split_runs * split_k per token tile, or all of them in the first counter when the Pallas
+    GEMM (natural-order tiles) follows a sorted shrink. Interpret mode runs the shrink programs first,
+    so only these counts show that a GPU's waits would end."""
+    tiles = GPU_VARIANTS[name]
+    data = CASES[0].arrays("float32")  # T = 37: three token tiles of 16, the last one partial
+    order = gpu._order(data["slot_ids"], data["a_pool"].shape[0], tiles, True)
+    extra = [data["w"]] if gemm else [data["base_out"]]
+    _, tickets = gpu._one_launch(order, *(data[k] for k in LORA_ARGS), extra, tiles, True, gemm=gemm)
+    token_tiles, d_out_tiles = 3, 3  # d_out = 384 in tiles of 128
+    shrink = tiles.split_runs * tiles.split_k
+    later = d_out_tiles * (1 if gemm or tiles.expand_rows else tiles.split_runs)
+    counts = [3 * shrink, 0, 0] if gemm and tiles.sort else [shrink] * 3
+    np.testing.assert_array_equal(tickets, [token_tiles * (shrink + later), *counts])

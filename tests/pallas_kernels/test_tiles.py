@@ -30,7 +30,7 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
         assert 1 <= tiles.split_runs <= tiles.block_t
         assert key.fused or not tiles.xla_base
         assert not tiles.atomic_split_k or (tiles.split_k > 1 and not tiles.fuse_shrink)
-        assert not tiles.one_launch or (not tiles.fuse_shrink and (tiles.xla_base or not key.fused))
+        assert not (tiles.one_launch and tiles.fuse_shrink)
         if tiles.fuse_shrink:  # the one-kernel delta: one run per program, no split-K, not in the Pallas GEMM
             assert tiles.split_runs == min(tiles.block_t, key.adapters + 1) and tiles.split_k == 1
             assert not tiles.expand_rows and (tiles.xla_base or not key.fused)
