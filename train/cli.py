@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warmup steps before cosine decay")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
-                   help="clip each step's gradient to this global norm (0: no clipping)")
+                   help="clip each step's gradient to this global norm (> 0; 0: no clipping)")
     p.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                    help="steps between Orbax checkpoints (adapter, optimizer, data position)")
     p.add_argument("--data-parallel", type=int, default=defaults.data_parallel,
@@ -86,8 +86,13 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    try:
+        config = job_config(args)
+    except ValueError as error:  # a flag's value out of range: a usage error, not a traceback
+        cli.error(str(error))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from train.run import run
 
-    run(job_config(args))
+    run(config)

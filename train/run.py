@@ -59,6 +59,10 @@ class JobConfig:
     order: tuple[str, ...] | None = None
     resume: bool = False
 
+    def __post_init__(self):
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
 
 def load_base(model: str):
     """(model, processor) of `tiny` (seeded-random weights, in-memory processor) or an HF LLaVA directory."""

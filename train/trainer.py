@@ -68,6 +68,19 @@ class TrainConfig:
     seed: int = 0
     data_parallel: int = 1
 
+    def __post_init__(self):
+        at_least_one = {"steps": self.steps, "batch_size": self.batch_size,
+                        "checkpoint_every": self.checkpoint_every, "data_parallel": self.data_parallel}
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.warmup < 0 or self.weight_decay < 0:
+            raise ValueError(f"warmup and weight_decay must be >= 0, got {self.warmup}, {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (None: no clipping), got {self.max_grad_norm}")
+
     def schedule(self) -> optax.Schedule:
         """Linear warmup to `lr`, then cosine decay to zero at `steps`."""
         return optax.warmup_cosine_decay_schedule(0.0, self.lr, self.warmup, max(self.steps, self.warmup + 1))

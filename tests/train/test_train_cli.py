@@ -4,6 +4,7 @@ fused candidate starts from the accepted adapter."""
 import json
 import textwrap
 
+import pytest
 from PIL import Image
 
 import train.run
@@ -59,3 +60,22 @@ def test_job_writes_adapters_and_report(tmp_path, golden_dir, monkeypatch):
 def test_max_grad_norm_flag_defaults_to_one_and_zero_turns_clipping_off():
     assert job_config(parser().parse_args([])).train.max_grad_norm == 1.0
     assert job_config(parser().parse_args(["--max-grad-norm", "0"])).train.max_grad_norm is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-grad-norm", "-1"], "max_grad_norm must be > 0"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--checkpoint-every", "0"], "checkpoint_every must be >= 1"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--warmup", "-2"], "warmup and weight_decay must be >= 0"),
+    (["--eval-batch-size", "0"], "eval_batch_size must be >= 1"),
+    (["--rank", "0"], "rank must be >= 1"),
+])
+def test_out_of_range_flags_are_usage_errors(flags, message, capsys, monkeypatch):
+    def no_run(config):
+        raise AssertionError(f"ran with {config}")
+
+    monkeypatch.setattr(train.run, "run", no_run)
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
