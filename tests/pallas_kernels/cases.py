@@ -83,6 +83,9 @@ CASES = [
     # a rank buffer over 128 (SNELLA served unmerged): several rank blocks, skipped past each rank
     Case("rank-over-128", 19, 128, 128, (256, 130, 7), 256, "mixed", False),
 ]
+# T = 32 is two whole token tiles of GPU_TILES: the kernels' unmasked row paths (every CASES entry
+# ends in a partial tile).
+WHOLE_TILES = Case("whole-token-tiles", 32, 128, 128, (8, 16, 4), 16, "mixed", True)
 
 
 def ranks_outside_the_buffer(seed: int = 2) -> tuple[dict, dict]:

@@ -15,6 +15,7 @@ from tests.pallas_kernels.cases import (
     GPU_VARIANTS,
     TOLERANCE,
     TPU_TILES,
+    WHOLE_TILES,
     ranks_outside_the_buffer,
 )
 from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
@@ -74,6 +75,19 @@ def test_lora_projection_matches_float64_reference(case, backend, tiles, dtype):
     assert out.shape == expected.shape and out.dtype == data["x"].dtype
     assert np.isfinite(as_f64(out)).all()
     assert relative_error(out, expected) <= TOLERANCE[dtype]
+
+
+@_variants([v for v in VARIANTS if v[0] == "pallas_gpu"])
+def test_gpu_kernels_on_whole_token_tiles(backend, tiles):
+    """Both operations where T is a multiple of block_t, so no row mask exists (float32)."""
+    data = WHOLE_TILES.arrays("float32", seed=3)
+    assert data["x"].shape[0] % tiles.block_t == 0
+    lora = [data[k] for k in LORA_ARGS]
+    delta = lora_delta_f64(*lora)
+    out = pk.batched_lora(*lora, base_out=data["base_out"], backend=backend, interpret=True, tiles=tiles)
+    assert relative_error(out, delta + as_f64(data["base_out"])) <= TOLERANCE["float32"]
+    out = pk.lora_projection(data["x"], data["w"], *lora[1:], backend=backend, interpret=True, tiles=tiles)
+    assert relative_error(out, delta + as_f64(data["x"]) @ as_f64(data["w"])) <= TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["expand", "gemm"])
