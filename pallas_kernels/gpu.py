@@ -185,14 +185,23 @@ def _shrink_block(x_ref, a_ref, rows, in_run, key, r_idx, r_ok, k_start, k_stop,
     return jnp.where(r_ok[None, :], acc, 0)
 
 
-def _xa_partials(xa_ref, rows):
+def _xa_partials(xa_ref, rows, valid, *, whole_tile: bool):
     """xa_block of the two-kernel delta: the sum of the shrink kernel's split-K partials (exactly 0
-    past the rank within a rank block the shrink computed, so only rows are masked)."""
-    def block(key, in_run, r_idx, r_ok):
-        return sum(_load(xa_ref, s, rows[:, None], r_idx[None, :], mask=in_run[:, None])
+    past the rank within a rank block the shrink computed, so only rows are masked).
+
+    With `whole_tile` (for a program that walks all of its tile's runs, over one rank block) the
+    partials of every row are loaded once, before the runs, and each run keeps its rows of them: the
+    same bytes, but the partials are no longer live beside the accumulator inside the run loop,
+    where they made the prefill expand spill 408 bytes a thread (PERF.md round 6).
+    """
+    def load(r_idx, rows_ok):
+        return sum(_load(xa_ref, s, rows[:, None], r_idx[None, :], mask=rows_ok[:, None])
                    for s in range(xa_ref.shape[0]))
 
-    return block
+    if whole_tile:
+        tile_xa = load(jnp.arange(xa_ref.shape[2]), valid)
+        return lambda key, in_run, r_idx, r_ok: jnp.where(in_run[:, None], tile_xa, 0)
+    return lambda key, in_run, r_idx, r_ok: load(r_idx, in_run)
 
 
 def _xa_recomputed(scales_ref, x_ref, a_ref, rows, block_k: int):
@@ -325,7 +334,8 @@ def _expand_program(order_ref, slot_ref, ranks_ref, xa_refs, b_ref, base_ref, ou
         acc = _expand_run(acc, key, mine, xa_block=_xa_recomputed(*xa_refs, rows, tiles.block_k),
                           block_r=tiles.block_r, **refs)
     else:
-        xa_block = _xa_partials(xa_refs[0], rows)
+        whole_tile = tiles.split_runs == 1 and xa_refs[0].shape[2] == tiles.block_r
+        xa_block = _xa_partials(xa_refs[0], rows, valid, whole_tile=whole_tile)
 
         def run(key, in_run, carry):  # the no-adapter run (key N, rank 0) only marks its rows written
             acc, mine = carry
@@ -456,7 +466,7 @@ def _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_re
     if tiles.expand_rows:
         acc = _expand_rows(acc, keys, rows, xa_ref=xa_ref, **refs)
     else:
-        xa_block = _xa_partials(xa_ref, rows)
+        xa_block = _xa_partials(xa_ref, rows, valid, whole_tile=xa_ref.shape[2] == tiles.block_r)
         acc = _for_each_run(keys, num_slots, lambda key, in_run, acc: _expand_run(
             acc, key, in_run, xa_block=xa_block, block_r=tiles.block_r, **refs), acc)
     out = out_ref if blocks else out_ref.at[rows[:, None], n_idx[None, :]]
