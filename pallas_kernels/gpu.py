@@ -118,7 +118,14 @@ def _for_each_run(keys: jax.Array, stop_key: int, body, carry, *, group=0, group
     """carry = body(key, in_run, carry) for each distinct key < stop_key of the tile, ascending.
 
     With groups > 1 only every groups-th run from `group` on: the others cost a reduction, no loads.
+    Where the groups cover every run a tile can hold (min(block_t, stop_key) distinct keys), a
+    program has at most one: `_nth_key` finds it in three reductions, where the walk would take
+    one per run of the tile, each a cross-warp barrier, in every program (decode tiles: 16).
     """
+    if groups >= min(keys.shape[0], stop_key):
+        key = _nth_key(keys, group, stop_key)
+        return lax.cond(key < stop_key, lambda c: body(key, keys == key, c), lambda c: c, carry)
+
     def step(state):
         key, index, carry = state
         run = lambda c: body(key, keys == key, c)  # noqa: E731

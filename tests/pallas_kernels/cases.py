@@ -17,7 +17,8 @@ GPU_TILES = Tiles(block_t=16, block_k=64, block_r=64, block_n=128, split_k=2, nu
 # waiting for all shrink programs when sorted, for their token tile's otherwise).
 GPU_VARIANTS = {
     "natural": GPU_TILES,
-    "sorted-split-runs": dataclasses.replace(GPU_TILES, sort=True, split_runs=3, split_k=3),
+    # split_runs 16 covers every run a tile holds (one run per program); 3 does not (a walk of runs).
+    "sorted-split-runs": dataclasses.replace(GPU_TILES, sort=True, split_runs=16, split_k=3),
     "sorted-atomic-split-k": dataclasses.replace(GPU_TILES, sort=True, split_runs=3, split_k=3,
                                                  atomic_split_k=True),
     "expand-rows": dataclasses.replace(GPU_TILES, expand_rows=True),
