@@ -2,8 +2,9 @@
 
 A token tile is block_t consecutive tokens, in natural order or, with tiles.sort, in slot order (a
 permutation made by the `atmm_sort` kernel, one launch). Rows of a tile that share an adapter form a
-*run*; a program walks its tile's runs in ascending slot order (`_for_each_run`) and does one masked
-tl.dot per run against that adapter's contiguous A or B block. Natural order suits small batches
+*run*; a program walks its tile's runs in ascending slot order (`_for_each_run`; where the run
+groups leave it one run at most, it finds that run directly) and does one masked tl.dot per run
+against that adapter's contiguous A or B block. Natural order suits small batches
 (decode: a sort would cost a launch and a tile holds few tokens anyway); sorted order suits prefill
 and large decode batches, where a tile then holds one or two runs instead of every adapter, so each
 adapter is read about once per tile. tiles.split_runs spreads a tile's runs over that many programs:
