@@ -128,6 +128,6 @@ def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, *, backend: s
     key = dataclasses.replace(_validate(x, a_pool, b_pool, slot_ids, ranks, scales, w=w), fused=True)
     backend = resolve_backend(backend)
     if _no_delta(x, a_pool):
-        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return reference.dot_f32(x, w).astype(x.dtype)
     return _lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, backend=backend,
                             tiles=_tiles(key, backend, tiles), interpret=interpret)

@@ -46,16 +46,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.reference import dot_f32
 from pallas_kernels.tiles import Tiles
 
 SORT_ROWS, SORT_COLS = 32, 256  # tokens ranked per program x tokens compared per step
 SPIN_LIMIT = 1 << 20  # atomic reads of a one_launch wait before it gives up (about 1 s on an H100)
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """float32-accumulating dot; float32 inputs ask for full precision (no TF32)."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
 def _load(ref, *index, mask, other=0):
@@ -167,7 +162,7 @@ def _expand_run(acc, key, in_run, n_idx, n_ok, ranks_ref, b_ref, xa_block, *, bl
         # on the H100: PERF.md round 5.)
         xa = xa_block(key, in_run, r_idx, r_ok)
         b = _load(b_ref, key, r_idx[:, None], n_idx[None, :], mask=_edge_mask(_tail(r_idx, b_ref.shape[1]), n_ok))
-        return acc + _dot(xa.astype(b.dtype), jnp.where(r_ok[:, None], b, 0))
+        return acc + dot_f32(xa.astype(b.dtype), jnp.where(r_ok[:, None], b, 0))
 
     return _over_rank_blocks(rank, has_adapter, b_ref.shape[1], block_r, rank_block, acc)
 
@@ -187,7 +182,7 @@ def _shrink_block(x_ref, a_ref, rows, in_run, key, r_idx, r_ok, k_start, k_stop,
         k_ok = _tail(k_idx, d_in)
         x = _load(x_ref, rows[:, None], k_idx[None, :], mask=_edge_mask(in_run, k_ok))
         a = _load(a_ref, key, k_idx[:, None], r_idx[None, :], mask=_edge_mask(k_ok, r_tail))
-        return acc + _dot(x, a)
+        return acc + dot_f32(x, a)
 
     acc = lax.fori_loop(k_start, k_stop, k_step, jnp.zeros((rows.shape[0], r_idx.shape[0]), jnp.float32))
     return jnp.where(r_ok[None, :], acc, 0)
@@ -465,7 +460,7 @@ def _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_re
             x_at, w_at = (rows[:, None], k_idx[None, :]), (k_idx[:, None], n_idx[None, :])
         x = _load(x_ref, *x_at, mask=_edge_mask(rows_edge, k_ok))
         w = _load(w_ref, *w_at, mask=_edge_mask(k_ok, n_ok))
-        return acc + _dot(x, w)
+        return acc + dot_f32(x, w)
 
     acc = lax.fori_loop(0, pl.cdiv(d_in, bk), k_step, jnp.zeros((bt, bn), jnp.float32))
     if wait is not None:
@@ -575,7 +570,7 @@ def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles,
     adds to it (y written twice): the fallback where this Pallas GEMM is slower than cuBLAS.
     """
     if tiles.xla_base:
-        base = _dot(x, w).astype(x.dtype)
+        base = dot_f32(x, w).astype(x.dtype)
         return batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base, tiles, interpret)
     num_slots, _, d_out = b_pool.shape
     num_tokens, d_in = x.shape

@@ -5,6 +5,13 @@ import jax
 import jax.numpy as jnp
 
 
+def dot_f32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b accumulated in float32, float32 inputs at full precision (no TF32): the product every
+    backend and kernel uses, so that none differs from the others by its GEMM's precision."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
+
+
 def lora_delta(x, a_pool, b_pool, slot_ids, ranks, scales) -> jax.Array:
     """float32 delta of each token: scale_i * (x_t @ A_i[:, :r_i]) @ B_i[:r_i, :], zero for slot -1.
 
@@ -29,5 +36,4 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out=None) -> j
 
 
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales) -> jax.Array:
-    base = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-    return (base + lora_delta(x, a_pool, b_pool, slot_ids, ranks, scales)).astype(x.dtype)
+    return (dot_f32(x, w) + lora_delta(x, a_pool, b_pool, slot_ids, ranks, scales)).astype(x.dtype)

@@ -25,12 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.grouping import Grouping
+from pallas_kernels.reference import dot_f32
 from pallas_kernels.tiles import Tiles
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
 def _interpret(interpret: bool):
@@ -66,7 +62,7 @@ def _shrink_kernel(tile_slot_ref, num_tiles_ref, ranks_ref, scales_ref, x_ref, a
     def _():
         a = a_ref[...]
         a = jnp.where(_rank_mask(rank_block, info.rank, block_r, a.shape, 1), a, 0)
-        xa_ref[...] += _dot(x_ref[...], a)
+        xa_ref[...] += dot_f32(x_ref[...], a)
 
         @pl.when(k_block == pl.num_programs(2) - 1)
         def _():
@@ -156,7 +152,7 @@ def _expand_kernel(*refs, num_slots: int, block_r: int, steps: _Steps):
     if steps.base_blocks:
         @pl.when(info.in_layout & (step < steps.d_in) & (step % steps.per_k == 0))
         def _():
-            acc_ref[...] += _dot(x_ref[...], w_ref[...])
+            acc_ref[...] += dot_f32(x_ref[...], w_ref[...])
 
     if steps.fuse_shrink:
         shrink_block = steps.shrink_block(step)
@@ -165,7 +161,7 @@ def _expand_kernel(*refs, num_slots: int, block_r: int, steps: _Steps):
         def _():
             a = a_ref[...]
             a = jnp.where(_rank_mask(shrink_block, info.rank, block_r, a.shape, 1), a, 0)
-            xa_ref[shrink_block] += _dot(x_ref[...], a)
+            xa_ref[shrink_block] += dot_f32(x_ref[...], a)
 
     rank_block = steps.expand_block(step)
 
@@ -174,7 +170,7 @@ def _expand_kernel(*refs, num_slots: int, block_r: int, steps: _Steps):
         b = b_ref[...]
         b = jnp.where(_rank_mask(rank_block, info.rank, block_r, b.shape, 0), b, 0)
         xa = xa_ref[rank_block] * scales_ref[info.safe_slot] if steps.fuse_shrink else xa_ref[...]
-        acc_ref[...] += _dot(xa.astype(b.dtype), b)
+        acc_ref[...] += dot_f32(xa.astype(b.dtype), b)
 
     @pl.when(step == pl.num_programs(2) - 1)
     def _():
