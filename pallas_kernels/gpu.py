@@ -22,7 +22,8 @@ decode tiles hold many runs and are too few to fill the GPU on their own.
 - shrink + expand in one launch (tiles.one_launch): both kernels' programs in one grid, roles by
   atomic ticket, each expand program waiting for its token tile's shrink programs
   (`_one_launch_kernel`), so a decode delta pays one launch with no recompute. The projection's
-  shrink and GEMM programs likewise, each GEMM program waiting only before its epilogue.
+  shrink and GEMM programs likewise, each GEMM program waiting only before its epilogue. Exact on
+  the H100 but slower there than two launches (PERF.md round 7), so a tune switch only.
 - projection: grid (tiles, d_out tiles), natural-order tiles whatever tiles.sort says. y = x @ W
   with x and W loaded as contiguous blocks and the expand as its epilogue, so W is read once per
   token tile and y written once; the shrink kernel (sorted or not) runs first, or with

@@ -35,11 +35,13 @@ class Tiles:
     dot per adapter run); xla_base (lora_projection only: base GEMM by XLA, delta added by the
     expand, instead of the Pallas GEMM with the expand as epilogue); atomic_split_k (the shrink adds
     its split-K partials into one zeroed xa with atomics, so that each expand program reads one
-    partial instead of split_k: at prefill the re-read partials are the largest traffic, PERF.md);
+    partial instead of split_k: at prefill the re-read partials are the largest traffic; slower on
+    the H100 all the same, PERF.md round 7);
     one_launch (the two-kernel delta's shrink and expand programs in one launch, each expand
     program waiting for its token tile's shrink programs: one launch and one dependent load chain
     fewer, for decode; in lora_projection without xla_base, the shrink's programs and the Pallas
-    GEMM's, each GEMM program waiting before its epilogue, so the shrink hides behind the GEMM).
+    GEMM's, each GEMM program waiting before its epilogue, so the shrink hides behind the GEMM;
+    1.7-1.9x slower on the H100 at decode, PERF.md round 7: tickets and polls cost more than a launch).
     lora_projection's GEMM always walks natural-order tiles; sort there orders its shrink only. See
     gpu.py.
 
