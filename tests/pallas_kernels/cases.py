@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import Tiles
+from pallas_kernels.gpu import SORT_COLS, SORT_ROWS
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 # Small tiles so that tiny shapes still span several token, d_in, rank and d_out tiles.
@@ -98,3 +99,14 @@ def ranks_outside_the_buffer(seed: int = 2) -> tuple[dict, dict]:
     ranks = np.asarray([rank_buffer + 24, -3, 8, 0, 100, rank_buffer])
     clipped = {**data, "ranks": jnp.asarray(np.clip(ranks, 0, rank_buffer), jnp.int32)}
     return {**data, "ranks": jnp.asarray(ranks, jnp.int32)}, clipped
+
+
+def slots_past_one_sort_step(seed: int = 4) -> tuple[np.ndarray, int, np.ndarray]:
+    """Slot ids (-1 and ids past the pool included) of T = 2 * SORT_COLS + SORT_ROWS + 1 tokens, so that
+    the sort kernel compares over several steps and its last program is partial; the pool size; and
+    the stable slot order the kernel must give (tokens without an adapter last, in token order)."""
+    num_slots = 5
+    slot_ids = np.random.default_rng(seed).integers(-1, num_slots + 2, 2 * SORT_COLS + SORT_ROWS + 1)
+    keys = np.where((slot_ids >= 0) & (slot_ids < num_slots), slot_ids, num_slots)
+    return slot_ids.astype(np.int32), num_slots, np.argsort(keys, kind="stable")
+

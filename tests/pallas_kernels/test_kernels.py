@@ -17,6 +17,7 @@ from tests.pallas_kernels.cases import (
     TPU_TILES,
     WHOLE_TILES,
     ranks_outside_the_buffer,
+    slots_past_one_sort_step,
 )
 from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
 
@@ -88,6 +89,13 @@ def test_gpu_kernels_on_whole_token_tiles(backend, tiles):
     assert relative_error(out, delta + as_f64(data["base_out"])) <= TOLERANCE["float32"]
     out = pk.lora_projection(data["x"], data["w"], *lora[1:], backend=backend, interpret=True, tiles=tiles)
     assert relative_error(out, delta + as_f64(data["x"]) @ as_f64(data["w"])) <= TOLERANCE["float32"]
+
+
+def test_sort_kernel_orders_tokens_by_slot_stably():
+    """The sort kernel alone, over several comparison steps and a partial last program."""
+    slot_ids, num_slots, expected = slots_past_one_sort_step()
+    (order,) = gpu._order(slot_ids, num_slots, GPU_VARIANTS["sorted-split-runs"], True)
+    np.testing.assert_array_equal(order, expected)
 
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["expand", "gemm"])

@@ -6,15 +6,17 @@ anchor shapes of BENCHMARKS.md and others) use the tiles calls of their shape ru
 table, else the heuristic), so a tile that cannot launch fails here.
 """
 import jax
+import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import tune
+from pallas_kernels import gpu, tune
 from tests.pallas_kernels.cases import (
     CASES,
     GPU_VARIANTS,
     TOLERANCE,
     ranks_outside_the_buffer,
+    slots_past_one_sort_step,
 )
 from tests.pallas_kernels.numpy_reference import as_f64, lora_delta_f64, relative_error
 
@@ -48,6 +50,12 @@ def test_ranks_outside_the_buffer_are_clipped_to_it(tiles):
     expected = lora_delta_f64(*(clipped[k] for k in LORA_ARGS))
     delta = pk.batched_lora(*(data[k] for k in LORA_ARGS), backend="pallas_gpu", tiles=tiles)
     assert relative_error(delta, expected) <= TOLERANCE["float32"]
+
+
+def test_sort_kernel_orders_tokens_by_slot_stably():
+    slot_ids, num_slots, expected = slots_past_one_sort_step()
+    (order,) = gpu._order(slot_ids, num_slots, GPU_VARIANTS["sorted-split-runs"], False)
+    np.testing.assert_array_equal(order, expected)
 
 
 @pytest.mark.parametrize("workload", tune.GRID, ids=lambda w: f"T{w.tokens}-r{w.rank}-{w.label}-pool{w.pool}")
