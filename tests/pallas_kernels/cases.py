@@ -109,4 +109,3 @@ def slots_past_one_sort_step(seed: int = 4) -> tuple[np.ndarray, int, np.ndarray
     slot_ids = np.random.default_rng(seed).integers(-1, num_slots + 2, 2 * SORT_COLS + SORT_ROWS + 1)
     keys = np.where((slot_ids >= 0) & (slot_ids < num_slots), slot_ids, num_slots)
     return slot_ids.astype(np.int32), num_slots, np.argsort(keys, kind="stable")
-
