@@ -148,18 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", default="auto", choices=api.BACKENDS)
     parser.add_argument("--interpret", action="store_true", help="run Pallas kernels in interpret mode")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
-    parser.add_argument("--calls", type=int, default=None, help="iterations per timed loop")
-    parser.add_argument("--per-iteration", type=int, default=None,
-                        help=f"calls per iteration (default {timing.PER_ITERATION}; 1 with --quick)")
-    parser.add_argument("--no-graphs", action="store_true", help="launch kernels from the host (no CUDA graph)")
+    timing.add_loop_arguments(parser)
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
-    args.calls = args.calls or (2 if args.quick else 50)
-    # --quick times nothing that means anything (CPU): one call per iteration keeps its loops small to compile
-    args.per_iteration = args.per_iteration or (1 if args.quick else timing.PER_ITERATION)
+    timing.apply_loop_arguments(args, calls=50, quick_calls=2)
     args.repeats = args.repeats or (1 if args.quick else 5)
-    if not args.no_graphs:
-        timing.use_cuda_graphs()
     timed = dict(calls=args.calls, repeats=args.repeats, per_iteration=args.per_iteration)
 
     copy_bytes = 2**23 if args.quick else 2**30

@@ -42,6 +42,24 @@ def use_cuda_graphs() -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in GRAPH_FLAGS if f not in flags])
 
 
+def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    """--calls, --per-iteration and --no-graphs, as bench and tune take them (`apply_loop_arguments`)."""
+    parser.add_argument("--calls", type=int, default=None, help="iterations per timed loop")
+    parser.add_argument("--per-iteration", type=int, default=None,
+                        help=f"calls per iteration (default {PER_ITERATION}; 1 with --quick)")
+    parser.add_argument("--no-graphs", action="store_true", help="launch kernels from the host (no CUDA graph)")
+
+
+def apply_loop_arguments(args: argparse.Namespace, *, calls: int, quick_calls: int) -> None:
+    """Fill in --calls and --per-iteration where not given, and turn CUDA graphs on unless --no-graphs
+    (before the first computation). --quick (CPU) times nothing that means anything: one call per
+    iteration keeps its loops small to compile."""
+    args.calls = args.calls or (quick_calls if args.quick else calls)
+    args.per_iteration = args.per_iteration or (1 if args.quick else PER_ITERATION)
+    if not args.no_graphs:
+        use_cuda_graphs()
+
+
 def copies_past_cache(bytes_per_copy: int, max_copies: int = 8) -> int:
     """How many input copies to rotate through so that their total exceeds twice the L2 size."""
     return max(1, min(max_copies, -(-2 * L2_BYTES // max(bytes_per_copy, 1))))

@@ -177,21 +177,14 @@ def main(argv: list[str] | None = None) -> TileTable:
     parser.add_argument("--minutes", type=float, default=None,
                         help="time budget of the whole run, shared among the keys (what one leaves rolls "
                              "over to the next); a key out of time keeps its fastest tiles so far")
-    parser.add_argument("--calls", type=int, default=None, help="iterations per timed loop")
-    parser.add_argument("--per-iteration", type=int, default=None,
-                        help=f"calls per iteration (default {timing.PER_ITERATION}; 1 with --quick)")
-    parser.add_argument("--no-graphs", action="store_true", help="launch kernels from the host (no CUDA graph)")
+    timing.add_loop_arguments(parser)
     args = parser.parse_args(argv)
     if args.minutes is not None and args.minutes <= 0:
         parser.error("--minutes must be positive")
-    if not args.no_graphs:
-        timing.use_cuda_graphs()
+    timing.apply_loop_arguments(args, calls=25, quick_calls=1)
     backend = args.backend or api.resolve_backend("auto")
     if backend == "reference":
         parser.error("no GPU or TPU here: pass --backend pallas_gpu/pallas_tpu with --interpret")
-    args.calls = args.calls or (1 if args.quick else 25)
-    # --quick times nothing that means anything (CPU): one call per iteration keeps its loops small to compile
-    args.per_iteration = args.per_iteration or (1 if args.quick else timing.PER_ITERATION)
     limit = args.max_candidates or (2 if args.quick else 24)
 
     table = TileTable(jax.devices()[0].device_kind, backend, jax.__version__)
