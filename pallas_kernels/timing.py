@@ -65,9 +65,11 @@ def copies_past_cache(bytes_per_copy: int, max_copies: int = 8) -> int:
     return max(1, min(max_copies, -(-2 * L2_BYTES // max(bytes_per_copy, 1))))
 
 
-def seconds_per_call(fn: Callable, arg_copies: Sequence[tuple], *, calls: int, repeats: int = 3,
-                     per_iteration: int = PER_ITERATION) -> float:
-    """Best-of-`repeats` wall time of one jitted loop of `calls` iterations, per call of `fn`."""
+def timed_loop(fn: Callable, arg_copies: Sequence[tuple], *, calls: int,
+               per_iteration: int = PER_ITERATION) -> Callable[[int], float]:
+    """Compile and warm one jitted loop of `calls` iterations of `fn`; the returned function runs it
+    `repeats` times and gives the best time per call of `fn`. Kept, a loop can be timed again later
+    without compiling again (tune's finalists, timed in turn)."""
     out_shapes = jax.eval_shape(fn, *arg_copies[0])
     passes = -(-per_iteration // len(arg_copies))
 
@@ -88,14 +90,24 @@ def seconds_per_call(fn: Callable, arg_copies: Sequence[tuple], *, calls: int, r
                      for _ in range(passes * len(copies)))
         return lax.fori_loop(0, calls, body, init)
 
-    program = jax.jit(loop)
+    program = jax.jit(loop).lower(arg_copies).compile()
     jax.block_until_ready(program(arg_copies))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(program(arg_copies))
-        best = min(best, time.perf_counter() - start)
-    return best / (calls * passes * len(arg_copies))
+
+    def best_of(repeats: int = 3) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(program(arg_copies))
+            best = min(best, time.perf_counter() - start)
+        return best / (calls * passes * len(arg_copies))
+
+    return best_of
+
+
+def seconds_per_call(fn: Callable, arg_copies: Sequence[tuple], *, calls: int, repeats: int = 3,
+                     per_iteration: int = PER_ITERATION) -> float:
+    """Best-of-`repeats` wall time of one jitted loop of `calls` iterations, per call of `fn`."""
+    return timed_loop(fn, arg_copies, calls=calls, per_iteration=per_iteration)(repeats)
 
 
 def one_kernel_seconds(*, calls: int, repeats: int = 3, per_iteration: int = PER_ITERATION) -> float:

@@ -1,6 +1,7 @@
 """Profile candidate tiles per shape class on this device and write the winners as a tile table.
 
     python -m pallas_kernels.tune [--out configs/tiles/<device>.json] [--update] [--minutes M]
+                                  [--confirm-rounds N]
                                   [--shape T,RANK,ADAPTERS[,REQUESTS] ...] [--backend B] [--quick --interpret]
 
 For each workload of the grid (the anchor shapes of BENCHMARKS.md, prefill also packed as whole
@@ -10,9 +11,11 @@ the benchmark times them, inside one jitted loop each, captured as a CUDA graph 
 half of --max-candidates as seeds (the heuristic's tiles, the one-kernel delta's on GPU, and their
 one-step neighbours: each knob doubled or halved, each switch flipped; fitted and deduplicated), then a
 hill climb from the fastest through its one-step neighbours, for the rest of the timings or until none
-is faster (`climb`), or until the key's share of --minutes is spent. Entries are keyed as calls look
-them up (`tiles.call_key`: adapters = min(pool, T)), so workloads that differ only in their distinct
-adapters share a key, and its winner is the fastest summed over them. Candidates that fail to compile or
+is faster (`climb`), or until the key's share of --minutes is spent. The key's FINALISTS fastest
+tiles are then timed again, in turn, for --confirm-rounds rounds (`alternate`), and the fastest median
+wins. Entries are keyed as calls look them up (`tiles.call_key`: adapters = min(pool, T)), so
+workloads that differ only in their distinct adapters share a key, and its winner is the fastest
+summed over them. Candidates that fail to compile or
 launch (shared memory, registers), or whose output differs from the reference backend's by more than
 MAX_RELATIVE_ERROR, are skipped. With --update the table at --out keeps its other entries
 and each tuned key's current entry is timed too. The table records the device kind and jax version.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import statistics
 import time
 from collections.abc import Callable
 
@@ -47,6 +51,7 @@ QUICK_GRID = [Workload(tokens, 128, 128, 16, adapters, pool=8, requests=requests
               for tokens, adapters, requests in [(16, 2, None), (16, 8, None), (64, 2, None), (64, 2, 4)]]
 SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink", "atomic_split_k", "one_launch"),
             "pallas_tpu": ("fuse_shrink",)}
+FINALISTS = 3  # a key's fastest tiles in its climb, timed again in turn before one is written
 MAX_RELATIVE_ERROR = 2e-2  # of a candidate's output against the reference backend's (bf16 workloads)
 KNOBS = {"pallas_gpu": ("block_n", "split_k", "block_t", "split_runs", "num_warps", "num_stages", "block_k"),
          "pallas_tpu": ("block_t", "block_k", "block_n")}
@@ -136,6 +141,21 @@ def climb(measure: Callable[[Tiles], float], seeds: list[Tiles], neighbours_of: 
     return timed[best], best
 
 
+def alternate(timers: dict[Tiles, Callable[[], float]], rounds: int) -> dict[Tiles, float]:
+    """Each finalist's median time over `rounds` rounds, each round timing every finalist once and
+    starting one further along, so that drift during the run (clocks, temperature, other work on the
+    machine) falls on all of them alike. The climb times each tiles once, at different moments: at
+    the H100's T = 32 delta key, its order of two entries and the bench's differed by up to 0.5 us
+    (PERF.md round 7)."""
+    order = list(timers)
+    seconds: dict[Tiles, list[float]] = {tiles: [] for tiles in order}
+    for start in range(rounds):
+        start %= len(order)
+        for tiles in order[start:] + order[:start]:
+            seconds[tiles].append(timers[tiles]())
+    return {tiles: statistics.median(each) for tiles, each in seconds.items()}
+
+
 def shape_grid(quick: bool, specs: list[str] = ()) -> list[Workload]:
     """--shape's workloads ("T,RANK,ADAPTERS[,REQUESTS]", hidden and pool as the grid's), else the grid."""
     hidden, pool = (128, 8) if quick else (4096, 64)
@@ -154,10 +174,11 @@ def _relative_error(actual: jax.Array, expected: jax.Array) -> float:
     return float(jnp.max(jnp.abs(actual - expected)) / scale)
 
 
-def _time_tiles(data: list[dict], key: ShapeKey, tiles: Tiles, backend: str, args) -> float:
+def _tile_timer(data: list[dict], key: ShapeKey, tiles: Tiles, backend: str, args) -> Callable[[int], float]:
+    """`tiles`' loop over `data`, compiled once (`timing.timed_loop`): call it for best-of-n seconds per call."""
     fn, names = operation(key.fused, backend, tiles, args.interpret)
-    return timing.seconds_per_call(fn, [tuple(d[name] for name in names) for d in data], calls=args.calls,
-                                   per_iteration=args.per_iteration)
+    return timing.timed_loop(fn, [tuple(d[name] for name in names) for d in data], calls=args.calls,
+                             per_iteration=args.per_iteration)
 
 
 def main(argv: list[str] | None = None) -> TileTable:
@@ -177,10 +198,16 @@ def main(argv: list[str] | None = None) -> TileTable:
     parser.add_argument("--minutes", type=float, default=None,
                         help="time budget of the whole run, shared among the keys (what one leaves rolls "
                              "over to the next); a key out of time keeps its fastest tiles so far")
+    parser.add_argument("--confirm-rounds", type=int, default=None,
+                        help=f"time each key's {FINALISTS} fastest tiles again in this many alternating rounds "
+                             "and keep the fastest median; 0 keeps the climb's fastest (default 5; 2 with --quick)")
     timing.add_loop_arguments(parser)
     args = parser.parse_args(argv)
     if args.minutes is not None and args.minutes <= 0:
         parser.error("--minutes must be positive")
+    if args.confirm_rounds is not None and args.confirm_rounds < 0:
+        parser.error("--confirm-rounds must be 0 or more")
+    confirm_rounds = (2 if args.quick else 5) if args.confirm_rounds is None else args.confirm_rounds
     timing.apply_loop_arguments(args, calls=25, quick_calls=1)
     backend = args.backend or api.resolve_backend("auto")
     if backend == "reference":
@@ -207,6 +234,7 @@ def main(argv: list[str] | None = None) -> TileTable:
             served.setdefault(workload.key(fused), []).append(workload)
     times: dict[ShapeKey, dict[Tiles, dict[Workload, float]]] = {key: {} for key in served}
     best: dict[ShapeKey, Tiles] = {}
+    confirmed: dict[ShapeKey, float] = {}
     progress = tqdm(total=limit * len(served), desc=f"tune {backend}", unit="tile")
     end = None if args.minutes is None else time.monotonic() + 60 * args.minutes
     for done, (key, users) in enumerate(served.items()):
@@ -217,16 +245,18 @@ def main(argv: list[str] | None = None) -> TileTable:
 
         # What every candidate must compute: the reference backend's result on the first copy.
         expected = {w: _result(data[w][0], key, "reference", None, False) for w in users}
+        timers: dict[Tiles, dict[Workload, Callable[[int], float]]] = {}  # this key's compiled loops
 
-        def measure(tiles: Tiles, key=key, users=users, data=data, expected=expected) -> float:
-            each = {}
+        def measure(tiles: Tiles, key=key, users=users, data=data, expected=expected, timers=timers) -> float:
+            each, timers[tiles] = {}, {}
             for workload in users:
                 each[workload] = float("inf")
                 try:
                     error = _relative_error(_result(data[workload][0], key, backend, tiles, args.interpret),
                                             expected[workload])
                     if error <= MAX_RELATIVE_ERROR:
-                        each[workload] = _time_tiles(data[workload], key, tiles, backend, args)
+                        timers[tiles][workload] = _tile_timer(data[workload], key, tiles, backend, args)
+                        each[workload] = timers[tiles][workload]()
                     else:  # a kernel variant this device computes wrongly must never win
                         tqdm.write(f"{workload} {tiles}: skipped, wrong result (relative error {error:.3g})")
                 except Exception as error:  # noqa: BLE001 - a tile the device cannot run is just a loser
@@ -237,16 +267,28 @@ def main(argv: list[str] | None = None) -> TileTable:
             return sum(each.values())
 
         seeds = candidates(key, backend, max(2, limit // 2), kept.get(key) if args.update else None)
-        seconds, tiles = climb(measure, seeds, lambda t, key=key: neighbours(t, key, backend), limit,
-                               lambda key_end=key_end: key_end is not None and time.monotonic() > key_end)
+        out_of_time = lambda key_end=key_end: key_end is not None and time.monotonic() > key_end
+        seconds, tiles = climb(measure, seeds, lambda t, key=key: neighbours(t, key, backend), limit, out_of_time)
         progress.update(limit - len(times[key]))  # the climb may stop short of its budget
+        total = {t: sum(each.values()) for t, each in times[key].items()}
+        finalists = sorted((t for t in total if total[t] < float("inf")), key=total.__getitem__)[:FINALISTS]
+        if confirm_rounds and len(finalists) > 1 and not out_of_time():
+            medians = alternate({t: lambda t=t, timers=timers: sum(run(1) for run in timers[t].values())
+                                 for t in finalists}, confirm_rounds)
+            tiles = min(medians, key=medians.__getitem__)
+            seconds = medians[tiles]
+            confirmed[key] = seconds
+            tqdm.write(f"{key} finalists, median of {confirm_rounds} alternating rounds: "
+                       + ", ".join(f"{t} {s * 1e6:.1f}" for t, s in medians.items()) + " us")
+        timers.clear()
         if seconds < float("inf"):
             best[key] = table.entries[key] = tiles
             table.save(out)  # key by key, so that a run cut short keeps its winners
     progress.close()
     for key, tiles in best.items():
         each = ", ".join(f"{w.label} {times[key][tiles][w] * 1e6:.1f}" for w in served[key])
-        print(f"{key} -> {tiles} ({each} us){'' if kept.get(key) != tiles else ' (kept)'}")
+        again = f"; again in turn: {confirmed[key] * 1e6:.1f}" if key in confirmed else ""
+        print(f"{key} -> {tiles} ({each}{again} us){'' if kept.get(key) != tiles else ' (kept)'}")
     print(f"wrote {len(table.entries)} entries to {out} ({len(best)} tuned)")
     return table
 

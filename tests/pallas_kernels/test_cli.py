@@ -67,22 +67,57 @@ def test_tune_never_picks_tiles_that_compute_wrongly(tmp_path, monkeypatch, caps
     """Slot-sorted tiles made the fastest and wrong (their output off by 10%): tune skips them, so the
     heuristic's natural-order tiles win; made fastest and right, they win (so the check is what
     decided)."""
-    def fake_time(data, key, tiles, backend, args):
-        return 1.0 if tiles.sort else 2.0
+    def fake_timer(data, key, tiles, backend, args):
+        return lambda repeats=3: 1.0 if tiles.sort else 2.0
 
     def fake_batched_lora(*args, tiles=None, **kw):
         out = real_batched_lora(*args, tiles=tiles, **kw)
         return out * 1.1 if tiles is not None and tiles.sort and wrong else out
 
     real_batched_lora = api.batched_lora
-    monkeypatch.setattr(tune, "_time_tiles", fake_time)
+    monkeypatch.setattr(tune, "_tile_timer", fake_timer)
     monkeypatch.setattr(api, "batched_lora", fake_batched_lora)
     args = ["--quick", "--interpret", "--backend", "pallas_gpu", "--shape", "16,8,2", "--max-candidates", "2"]
     [workload] = tune.shape_grid(True, ["16,8,2"])
     for wrong in (True, False):
         table = tune.main([*args, "--out", str(tmp_path / f"{wrong}.json")])
         assert table.entries[workload.key(False)].sort is not wrong
-        assert ("wrong result" in capsys.readouterr().out) is wrong
+        printed = capsys.readouterr().out
+        assert ("wrong result" in printed) is wrong
+        # the delta's one right finalist has nothing to be confirmed against
+        assert (f"{workload.key(False)} finalists" in printed) is not wrong
+
+
+def test_tune_writes_the_finalist_fastest_when_timed_again_in_turn(tmp_path, monkeypatch, capsys):
+    """The climb's first timings make slot-sorted tiles fastest, every later timing the others:
+    the entry written follows the finalists' alternating re-timing, or with --confirm-rounds 0 the
+    climb's first timings."""
+    def fake_timer(data, key, tiles, backend, args):
+        timings = []
+
+        def seconds(repeats=3):
+            timings.append(repeats)
+            return 2.0 if not tiles.sort else 1.0 if len(timings) == 1 else 3.0
+        return seconds
+
+    monkeypatch.setattr(tune, "_tile_timer", fake_timer)
+    args = ["--quick", "--interpret", "--backend", "pallas_gpu", "--shape", "16,8,2", "--max-candidates", "2"]
+    [workload] = tune.shape_grid(True, ["16,8,2"])
+    for rounds, sort_wins in (("2", False), ("0", True)):
+        table = tune.main([*args, "--confirm-rounds", rounds, "--out", str(tmp_path / f"{rounds}.json")])
+        assert table.entries[workload.key(False)].sort is sort_wins
+        assert ("median of 2 alternating rounds" in capsys.readouterr().out) is not sort_wins
+    with pytest.raises(SystemExit):
+        tune.main([*args, "--confirm-rounds", "-1"])
+
+
+def test_alternate_times_finalists_in_turn_and_keeps_their_medians():
+    """Each round times every finalist once, starting one further along; one spike leaves a median."""
+    seconds = {"a": iter([1.0, 9.0, 1.0]), "b": iter([1.5] * 3), "c": iter([2.0] * 3)}
+    order = []
+    timers = {name: lambda name=name: order.append(name) or next(seconds[name]) for name in seconds}
+    assert tune.alternate(timers, rounds=3) == {"a": 1.0, "b": 1.5, "c": 2.0}
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
 
 
 def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
