@@ -15,12 +15,11 @@ is faster (`climb`), or until the key's share of --minutes is spent. The key's F
 tiles are then timed again, in turn, for --confirm-rounds rounds (`alternate`), and the fastest median
 wins. Entries are keyed as calls look them up (`tiles.call_key`: adapters = min(pool, T)), so
 workloads that differ only in their distinct adapters share a key, and its winner is the fastest
-summed over them. Candidates that fail to compile or
-launch (shared memory, registers), or whose output differs from the reference backend's by more than
-MAX_RELATIVE_ERROR, are skipped. With --update the table at --out keeps its other entries
-and each tuned key's current entry is timed too. The table records the device kind and jax version.
-`--quick --interpret` runs a tiny grid in Pallas interpret mode so the tool itself can be exercised on
-CPU; its timings there mean nothing.
+summed over them. Candidates that fail to compile or launch (shared memory, registers), or whose
+output differs from the reference backend's by more than MAX_RELATIVE_ERROR, are skipped. With
+--update the table at --out keeps its other entries and each tuned key's current entry is timed too.
+The table records the device kind and jax version. `--quick --interpret` runs a tiny grid in Pallas
+interpret mode so the tool itself can be exercised on CPU; its timings there mean nothing.
 """
 from __future__ import annotations
 
