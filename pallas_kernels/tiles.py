@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import pathlib
 
 import jax
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("pallas_gpu", "pallas_tpu")
 TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tiles"
@@ -263,14 +266,22 @@ class TileTable:
 
 
 _loaded: dict[pathlib.Path, TileTable | None] = {}
+_warned: set[tuple[pathlib.Path, str]] = set()  # (table path, backend) whose heuristic fallback was logged
 
 
 def tiles_for(key: ShapeKey, backend: str, path: pathlib.Path | None = None) -> Tiles:
-    """Tiles from this device's table when one exists for `backend`, else the heuristic."""
+    """Tiles from this device's table when one exists for `backend`, else the heuristic's (with one
+    warning per table and backend: silently untuned kernels would look like slow ones)."""
     path = path or table_path()
     if path not in _loaded:
         _loaded[path] = TileTable.load(path) if path.exists() else None
     table = _loaded[path]
     if table is None or table.backend != backend:
+        if (path, backend) not in _warned:  # once per table and backend, as a server would want it
+            _warned.add((path, backend))
+            found = "no tile table" if table is None else f"a {table.backend} tile table"
+            log.warning("%s at %s: %s uses the heuristic's tiles, which may be slower than tuned ones; "
+                        "`python -m pallas_kernels.tune --backend %s` writes a table for this device",
+                        found, path, backend, backend)
         return heuristic(key, backend)
     return table.lookup(key)

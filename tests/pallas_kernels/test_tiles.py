@@ -2,6 +2,7 @@
 and the fused projection's entries apart, tune keys entries as calls look them up, and the
 size-dependent switches are picked by token bucket and tuned both ways."""
 import dataclasses
+import logging
 import math
 
 from hypothesis import given, settings
@@ -87,13 +88,21 @@ def test_lookup_keeps_delta_and_fused_entries_apart():
                                                                      "pallas_gpu")
 
 
-def test_missing_table_or_other_backend_falls_back_to_heuristic(tmp_path):
-    key = ShapeKey.of(64, 4096, 4096, 16, 8)
-    assert tiles_for(key, "pallas_gpu", tmp_path / "absent.json") == heuristic(key, "pallas_gpu")
-    path = tmp_path / "tpu_table.json"
-    TileTable("dev", "pallas_tpu", "0.11.2", {key: Tiles(16, 512, 16, 512)}).save(path)
-    assert tiles_for(key, "pallas_gpu", path) == heuristic(key, "pallas_gpu")
-    assert tiles_for(key, "pallas_tpu", path) == Tiles(16, 512, 16, 512)
+def test_missing_table_or_other_backend_falls_back_to_heuristic(tmp_path, caplog):
+    """...and says so once per table and backend, naming the table's path and the tune command."""
+    key, other_key = ShapeKey.of(64, 4096, 4096, 16, 8), ShapeKey.of(32, 4096, 4096, 16, 8)
+    absent = tmp_path / "absent.json"
+    with caplog.at_level(logging.WARNING, logger="pallas_kernels.tiles"):
+        assert tiles_for(key, "pallas_gpu", absent) == heuristic(key, "pallas_gpu")
+        assert tiles_for(other_key, "pallas_gpu", absent) == heuristic(other_key, "pallas_gpu")
+        path = tmp_path / "tpu_table.json"
+        TileTable("dev", "pallas_tpu", "0.11.2", {key: Tiles(16, 512, 16, 512)}).save(path)
+        assert tiles_for(key, "pallas_gpu", path) == heuristic(key, "pallas_gpu")
+        assert tiles_for(key, "pallas_tpu", path) == Tiles(16, 512, 16, 512)
+    first, second = [record.getMessage() for record in caplog.records]
+    assert first.startswith(f"no tile table at {absent}: pallas_gpu uses the heuristic's tiles")
+    assert second.startswith(f"a pallas_tpu tile table at {path}: pallas_gpu uses the heuristic's tiles")
+    assert all("python -m pallas_kernels.tune --backend pallas_gpu" in m for m in (first, second))
 
 
 @settings(max_examples=60, deadline=None)
