@@ -277,7 +277,7 @@ def tiles_for(key: ShapeKey, backend: str, path: pathlib.Path | None = None) -> 
         _loaded[path] = TileTable.load(path) if path.exists() else None
     table = _loaded[path]
     if table is None or table.backend != backend:
-        if (path, backend) not in _warned:  # once per table and backend, as a server would want it
+        if (path, backend) not in _warned:  # every un-jitted call looks tiles up: warn on the first only
             _warned.add((path, backend))
             found = "no tile table" if table is None else f"a {table.backend} tile table"
             log.warning("%s at %s: %s uses the heuristic's tiles, which may be slower than tuned ones; "
