@@ -1,7 +1,7 @@
 """A wheel ships the data the code looks up beside its packages: the tile tables and the default task
 file live in `configs/`, which `pyproject.toml` installs as package data of a `configs` namespace package.
 A new file under `configs/` that no package-data pattern names would be missing from every non-editable
-install; the kernels would then silently fall back to heuristic tiles."""
+install, where the kernels would fall back to heuristic tiles with only a warning."""
 import pathlib
 import tomllib
 
