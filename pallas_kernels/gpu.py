@@ -11,7 +11,8 @@ adapter is read about once per tile. tiles.split_runs spreads a tile's runs over
 decode tiles hold many runs and are too few to fill the GPU on their own.
 
 - sort: order[p] = token at slot-sorted position p (stable; tokens without adapter last), by
-  counting for each token the tokens that sort before it.
+  counting for each token the tokens that sort before it. It depends on the slot ids alone, so
+  projections of one batch in one jitted program issue the same sort (`slot_order`, SORT_LAUNCH).
 - shrink: grid (tiles, run groups, split-K). xa[s, t, :rank] = scale * x[t, K_s] @ A[slot_t, K_s, :rank]
   in float32, split-K partials indexed by token.
 - expand: grid (tiles, run groups, d_out tiles). y[t] = base[t] + (sum_s xa[s, t]) @ B[slot_t, :rank],
@@ -53,6 +54,10 @@ from pallas_kernels.tiles import Tiles
 # Tokens ranked per program x tokens compared per step. Few rows and many programs: on the H100 the
 # sort took 6.9 us at T = 4096 against 16.4 with 32 x 256 (2.2 against 3.3 at T = 256; PERF.md round 7).
 SORT_ROWS, SORT_COLS = 4, 1024
+# The sort's launch settings are its own, not the tiles' of the call it serves: then every projection of
+# a batch (same slot ids) issues the identical sort, which XLA's common-subexpression elimination can
+# compute once (num_stages 3 as the prefill entries that sort over several steps had it).
+SORT_LAUNCH = plgpu.CompilerParams(num_warps=4, num_stages=3)
 SPIN_LIMIT = 1 << 20  # atomic reads of a one_launch wait before it gives up (about 1 s on an H100)
 
 
@@ -479,21 +484,26 @@ def _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_re
     plgpu.store(out, acc.astype(out_ref.dtype), mask=_edge_mask(rows_edge, n_ok))
 
 
-def _call(kernel, grid, out_shape, tiles: Tiles, interpret: bool, name: str, *operands, num_warps=None, **specs):
-    params = plgpu.CompilerParams(num_warps=num_warps or tiles.num_warps, num_stages=tiles.num_stages)
+def _call(kernel, grid, out_shape, launch: Tiles | plgpu.CompilerParams, interpret: bool, name: str, *operands,
+          **specs):
+    """pallas_call with the launch settings of `launch`: a kernel's tiles, or SORT_LAUNCH."""
+    params = launch if isinstance(launch, plgpu.CompilerParams) else plgpu.CompilerParams(
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
     return pl.pallas_call(kernel, grid=grid, out_shape=out_shape, compiler_params=params,
                           interpret=interpret, name=name, **specs)(*operands)
 
 
+def slot_order(slot_ids, num_slots: int, interpret: bool = False) -> jax.Array:
+    """The slot-sorted permutation of the tokens (the `atmm_sort` kernel): order[p] = token at
+    position p, stable, tokens without adapter (slot outside [0, num_slots)) last."""
+    num_tokens = slot_ids.shape[0]
+    return _call(functools.partial(_sort_kernel, num_slots=num_slots), (pl.cdiv(num_tokens, SORT_ROWS),),
+                 jax.ShapeDtypeStruct((num_tokens,), jnp.int32), SORT_LAUNCH, interpret, "atmm_sort", slot_ids)
+
+
 def _order(slot_ids, num_slots: int, tiles: Tiles, interpret: bool) -> list:
     """[order] of the slot-sorted permutation when tiles.sort, else [] (natural order)."""
-    if not tiles.sort:
-        return []
-    num_tokens = slot_ids.shape[0]
-    order = _call(functools.partial(_sort_kernel, num_slots=num_slots), (pl.cdiv(num_tokens, SORT_ROWS),),
-                  jax.ShapeDtypeStruct((num_tokens,), jnp.int32), tiles, interpret, "atmm_sort", slot_ids,
-                  num_warps=4)
-    return [order]
+    return [slot_order(slot_ids, num_slots, interpret)] if tiles.sort else []
 
 
 def _xa_buffer(num_tokens: int, rank_buffer: int, tiles: Tiles) -> tuple[jax.ShapeDtypeStruct, list]:

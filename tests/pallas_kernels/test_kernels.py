@@ -94,7 +94,7 @@ def test_gpu_kernels_on_whole_token_tiles(backend, tiles):
 def test_sort_kernel_orders_tokens_by_slot_stably():
     """The sort kernel alone, over several comparison steps and a partial last program."""
     slot_ids, num_slots, expected = slots_past_one_sort_step()
-    (order,) = gpu._order(slot_ids, num_slots, GPU_VARIANTS["sorted-split-runs"], True)
+    order = gpu.slot_order(slot_ids, num_slots, interpret=True)
     np.testing.assert_array_equal(order, expected)
 
 

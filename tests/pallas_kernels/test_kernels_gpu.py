@@ -5,6 +5,8 @@ Skipped, with that reason, where no GPU is present (CI): run them on an accelera
 anchor shapes of BENCHMARKS.md and others) use the tiles calls of their shape run with (this device's
 table, else the heuristic), so a tile that cannot launch fails here.
 """
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -54,8 +56,24 @@ def test_ranks_outside_the_buffer_are_clipped_to_it(tiles):
 
 def test_sort_kernel_orders_tokens_by_slot_stably():
     slot_ids, num_slots, expected = slots_past_one_sort_step()
-    (order,) = gpu._order(slot_ids, num_slots, GPU_VARIANTS["sorted-split-runs"], False)
+    order = gpu.slot_order(slot_ids, num_slots)
     np.testing.assert_array_equal(order, expected)
+
+
+def test_projections_of_one_batch_sort_once():
+    """Two deltas over one batch's slot ids whose sorting tiles differ, launch settings included, compile
+    to one sort: XLA merges their sort custom calls (test_lowering checks that they are identical)."""
+    data = CASES[0].arrays("float32")
+    lora = [data[k] for k in LORA_ARGS]
+    first = GPU_VARIANTS["sorted-split-runs"]
+    second = dataclasses.replace(GPU_VARIANTS["sorted-atomic-split-k"], num_stages=first.num_stages + 1)
+    projections = jax.jit(lambda *args: [pk.batched_lora(*args, backend="pallas_gpu", tiles=tiles)
+                                         for tiles in (first, second)])
+    compiled = projections.lower(*lora).compile().as_text()
+    assert sum("xla.gpu.triton" in line and "atmm_sort" in line for line in compiled.splitlines()) == 1
+    expected = lora_delta_f64(*lora)
+    for delta in projections(*lora):
+        assert relative_error(delta, expected) <= TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize("workload", tune.GRID, ids=lambda w: f"T{w.tokens}-r{w.rank}-{w.label}-pool{w.pool}")

@@ -48,7 +48,7 @@ def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, variant
     fuse_shrink), GPU's one-kernel delta and its two kernels in one launch (each alone and after
     XLA's base GEMM; one launch also with the Pallas GEMM) and its shrink with atomic split-K, so
     every kernel variant lowers."""
-    platform, kind, custom_call = TARGETS[backend]
+    custom_call = TARGETS[backend][2]
     d_in, d_out, slots = 1024, 2048, 8
     spec = jax.ShapeDtypeStruct
     lora = (spec((slots, d_in, rank), jnp.bfloat16), spec((slots, rank, d_out), jnp.bfloat16),
@@ -74,11 +74,41 @@ def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, variant
     else:
         fn = lambda *a: api._batched_lora(*a, **static)  # noqa: E731
         args = (spec((tokens, d_in), jnp.bfloat16), *lora, spec((tokens, d_out), jnp.bfloat16))
+    kernels = _kernels(backend, fused, tiles)
+    module = _exported_module(fn, args, backend)
+    assert module.count(custom_call) == len(kernels) and all(name in module for name in kernels)
+
+
+def _exported_module(fn, args, backend: str) -> str:
+    """fn jitted and exported for the backend's abstract accelerator, as StableHLO text."""
+    platform, kind, custom_call = TARGETS[backend]
     device = mesh_lib.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
         exported = jax.export.export(
             jax.jit(fn), platforms=[platform],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
-    kernels = _kernels(backend, fused, tiles)
-    module = exported.mlir_module()
-    assert module.count(custom_call) == len(kernels) and all(name in module for name in kernels)
+    return exported.mlir_module()
+
+
+def test_projections_of_one_batch_issue_the_same_sort():
+    """Two deltas over one batch's slot ids with different sorting tiles (as a model's projections of
+    other shapes have) issue the same sort custom call on the same operand, so XLA's CSE can sort once
+    per batch; the sort's launch settings used to follow each call's tiles (num_stages 3 and 4 here)."""
+    tokens, d_in, d_out, slots, rank = 512, 1024, 2048, 8, 16
+    key = ShapeKey.of(tokens, d_in, d_out, rank, slots, False)
+    first = fit(dataclasses.replace(heuristic(key, "pallas_gpu"), sort=True, num_stages=3), key, "pallas_gpu")
+    second = fit(dataclasses.replace(first, num_stages=4, block_n=first.block_n // 2), key, "pallas_gpu")
+
+    def two_projections(x, *lora):
+        return [api._batched_lora(x, *lora, None, backend="pallas_gpu", tiles=tiles, interpret=False)
+                for tiles in (first, second)]
+
+    spec = jax.ShapeDtypeStruct
+    module = _exported_module(two_projections, (
+        spec((tokens, d_in), jnp.bfloat16), spec((slots, d_in, rank), jnp.bfloat16),
+        spec((slots, rank, d_out), jnp.bfloat16), spec((tokens,), jnp.int32), spec((slots,), jnp.int32),
+        spec((slots,), jnp.float32)), "pallas_gpu")
+    sorts = [line.split("=", 1)[1] for line in module.splitlines() if '"atmm_sort"' in line]
+    shrinks = [line.split("=", 1)[1] for line in module.splitlines() if '"atmm_shrink"' in line]
+    assert len(sorts) == 2 and sorts[0] == sorts[1]
+    assert len(shrinks) == 2 and shrinks[0] != shrinks[1]  # the tiles differ where they matter
