@@ -8,7 +8,9 @@ floor from a copy bandwidth measured in the same run, the kernel's time and its 
 the stock-JAX formulations as multiples of the floor, and fused (base + delta) / base; also the time
 of a one-kernel call, the floor of any timed call. Every time, every column alike, comes from many
 calls inside one jitted loop captured as a CUDA graph (`timing.py`; --no-graphs launches each kernel
-from the host instead). Prints a Markdown table
+from the host instead). Where the delta's tiles sort tokens by slot (GPU), the sort alone is timed too
+("sort us"; "-" elsewhere): it is part of the kernel's time, while serving can make it once per batch,
+as vLLM makes the sorted metadata its kernels take. Prints a Markdown table
 and writes bench.md and bench.json to --out. Rows of the anchor shapes themselves are also compared
 with vLLM's kernels, and each of BENCHMARKS.md's targets is printed as met or not.
 `--quick --interpret` shrinks every shape so the script runs on CPU; its times there mean nothing.
@@ -23,7 +25,8 @@ import pathlib
 import jax
 from tqdm import tqdm
 
-from pallas_kernels import api, baselines, timing
+from pallas_kernels import api, baselines, gpu, timing
+from pallas_kernels.tiles import tiles_for
 from pallas_kernels.workload import Workload, operation
 
 ANCHORS = {  # name: (tokens, rank, adapters); d_in = d_out = 4096, pool of 64
@@ -43,7 +46,7 @@ COLUMNS = ["case", "T", "rank", "distinct", "floor us", "kernel us", "kernel / f
 # vLLM 0.33's Triton LoRA kernels (lora_shrink + lora_expand) at the anchor shapes on an H100, us, by
 # CUDA-graph replay (BENCHMARKS.md); a row is compared with them only where it is that very shape.
 VLLM_US = {"decode-few": 8.6, "decode-many": 14.8, "decode-large": 23.6, "decode-large-r64": 35.6, "prefill": 297.0}
-TABLE_COLUMNS = [*COLUMNS, "vLLM / kernel"]
+TABLE_COLUMNS = [*COLUMNS, "sort us", "vLLM / kernel"]
 # BENCHMARKS.md's targets for this project's kernels, by anchor.
 FLOOR_MULTIPLE = {"decode-large": 1.5, "decode-large-r64": 1.5, "prefill": 1.5}  # kernel / floor at most
 LAUNCH_BOUND_US = {"decode-few": 3.0, "decode-many": 3.0}  # kernel us at most (floors under 2 us)
@@ -81,6 +84,9 @@ def _measure(name: str, workload: Workload, bandwidth: float, args) -> dict:
     kernel_us = time(*operation(False, args.backend, interpret=args.interpret))
     row = {"case": name, "T": workload.tokens, "rank": workload.rank, "distinct": distinct,
            "floor us": floor_us, "kernel us": kernel_us, "kernel / floor": kernel_us / floor_us}
+    backend = api.resolve_backend(args.backend)
+    sorts = backend == "pallas_gpu" and tiles_for(workload.key(), backend).sort
+    row["sort us"] = time(lambda s: gpu.slot_order(s, workload.pool, args.interpret), ("slot_ids",)) if sorts else None
     for label, formulation in baselines.FORMULATIONS.items():
         stock_us = time(formulation, ("x", "a_pool", "b_pool", "slot_ids", "scales"))
         row[f"{label} / floor"] = stock_us / floor_us

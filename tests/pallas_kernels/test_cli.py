@@ -134,6 +134,7 @@ def test_bench_prints_every_row_and_writes_json(tmp_path, capsys):
         assert set(bench.COLUMNS) <= set(row)
         assert all(np.isfinite(row[c]) and row[c] > 0 for c in bench.COLUMNS[4:])
         assert row["vLLM / kernel"] is None  # tiny shapes: no vLLM figure applies, so no target either
+        assert row["sort us"] is None  # T <= 64: the heuristic sorts from SORT_MIN_TOKENS on
     assert written["targets"] == [] and "Targets" not in printed
 
 
@@ -166,9 +167,15 @@ def test_shape_specs_parse_with_optional_requests_and_fail_clearly():
 
 
 def test_bench_runs_only_the_cases_asked_for(tmp_path):
+    """Also: a row whose delta sorts (T >= SORT_MIN_TOKENS) times the sort alone."""
     args = ["--quick", "--interpret", "--backend", "pallas_gpu", "--out", str(tmp_path), "--calls", "1"]
-    result = bench.main([*args, "--case", "prefill-8-requests", "--shape", "8,4,2,2", "--case", "T8-r4-a2-2requests"])
-    assert [row["case"] for row in result["rows"]] == ["prefill-8-requests", "T8-r4-a2-2requests"]
+    sorting_tokens = tiles_module.SORT_MIN_TOKENS
+    result = bench.main([*args, "--case", "prefill-8-requests", "--shape", "8,4,2,2", "--case", "T8-r4-a2-2requests",
+                         "--shape", f"{sorting_tokens},4,2", "--case", f"T{sorting_tokens}-r4-a2"])
+    assert [row["case"] for row in result["rows"]] == [
+        "prefill-8-requests", "T8-r4-a2-2requests", f"T{sorting_tokens}-r4-a2"]
+    assert [row["sort us"] is None for row in result["rows"]] == [True, True, False]
+    assert result["rows"][2]["sort us"] > 0
     with pytest.raises(SystemExit, match="no case \\['decode'\\]"):
         bench.main([*args, "--case", "decode"])
 
