@@ -5,6 +5,7 @@ every output element is written and no unwritten intermediate is read.
 """
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -96,6 +97,22 @@ def test_sort_kernel_orders_tokens_by_slot_stably():
     slot_ids, num_slots, expected = slots_past_one_sort_step()
     order = gpu.slot_order(slot_ids, num_slots, interpret=True)
     np.testing.assert_array_equal(order, expected)
+
+
+def test_tpu_projections_of_one_batch_share_the_grouping_sort():
+    """The TPU path groups tokens with XLA ops whose sort reads the slot ids alone, so projections of
+    one batch with different token tiles compile to one argsort (XLA's CSE, here CPU's). The GPU
+    path's sort kernel: test_lowering.py and test_kernels_gpu.py."""
+    data = CASES[0].arrays("float32")
+    lora = [data[k] for k in LORA_ARGS]
+    tiles = (TPU_TILES, dataclasses.replace(TPU_TILES, block_t=2 * TPU_TILES.block_t))
+    projections = jax.jit(lambda *args: [pk.batched_lora(*args, backend="pallas_tpu", interpret=True, tiles=each)
+                                         for each in tiles])
+    compiled = projections.lower(*lora).compile().as_text()
+    assert sum(" sort(" in line and "jit(argsort)" in line for line in compiled.splitlines()) == 1
+    expected = lora_delta_f64(*lora)
+    for delta in projections(*lora):
+        assert relative_error(delta, expected) <= TOLERANCE["float32"]
 
 
 @pytest.mark.parametrize("gemm", [False, True], ids=["expand", "gemm"])
