@@ -99,16 +99,20 @@ def test_projections_of_one_batch_issue_the_same_sort():
     first = fit(dataclasses.replace(heuristic(key, "pallas_gpu"), sort=True, num_stages=3), key, "pallas_gpu")
     second = fit(dataclasses.replace(first, num_stages=4, block_n=first.block_n // 2), key, "pallas_gpu")
 
-    def two_projections(x, *lora):
-        return [api._batched_lora(x, *lora, None, backend="pallas_gpu", tiles=tiles, interpret=False)
-                for tiles in (first, second)]
+    def two_projections(x, *lora):  # from two source lines, as a model's projections are called
+        query = api._batched_lora(x, *lora, None, backend="pallas_gpu", tiles=first, interpret=False)
+        value = api._batched_lora(x, *lora, None, backend="pallas_gpu", tiles=second, interpret=False)
+        return query, value
 
     spec = jax.ShapeDtypeStruct
     module = _exported_module(two_projections, (
         spec((tokens, d_in), jnp.bfloat16), spec((slots, d_in, rank), jnp.bfloat16),
         spec((slots, rank, d_out), jnp.bfloat16), spec((tokens,), jnp.int32), spec((slots,), jnp.int32),
         spec((slots,), jnp.float32)), "pallas_gpu")
-    sorts = [line.split("=", 1)[1] for line in module.splitlines() if '"atmm_sort"' in line]
-    shrinks = [line.split("=", 1)[1] for line in module.splitlines() if '"atmm_shrink"' in line]
+
+    def calls(kernel):  # each call's op, operands and attributes (the kernel's IR included), not its location
+        return [line.split("=", 1)[1].rsplit(" loc(", 1)[0] for line in module.splitlines() if f'"{kernel}"' in line]
+
+    sorts, shrinks = calls("atmm_sort"), calls("atmm_shrink")
     assert len(sorts) == 2 and sorts[0] == sorts[1]
     assert len(shrinks) == 2 and shrinks[0] != shrinks[1]  # the tiles differ where they matter
