@@ -6,6 +6,11 @@ tests compile the same small programs (a tiny model's step, a kernel at a test s
 workers: a persistent cache in a fresh directory, made by the first process (the xdist controller,
 whose environment the workers inherit) and removed when it ends, compiles each once per run (about
 a fifth of tests/adapters' time). Every run starts from an empty cache.
+
+jax writes a cache entry without a lock unless the cache has a size limit, and a limit costs a scan
+of the whole directory at every write. So a worker may, rarely, read an entry the other is still
+writing: jax then warns and compiles the program itself. That warning is filtered here; no test's
+result depends on the cache.
 """
 import os
 import shutil
@@ -23,6 +28,11 @@ if _OWN_CACHE:
 import pathlib
 
 import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "filterwarnings", "ignore:Error reading persistent compilation cache entry:UserWarning")
 
 
 def pytest_unconfigure(config):
