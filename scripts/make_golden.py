@@ -451,6 +451,16 @@ def save_sharded(tensors: dict[str, torch.Tensor], out_dir: pathlib.Path, num_sh
 LORA_LM_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_VISION_TARGETS = r".*(vision_tower.*\.(q_proj|k_proj|v_proj|out_proj)|language_model.*\.(q_proj|v_proj))"
 LORA_VISION_RANK_PATTERN = {"language_model.layers.1.self_attn.v_proj": 3}
+LORA_MLP_TARGETS = r".*(multi_modal_projector\.linear_[12]|language_model.*\.(gate_proj|up_proj|down_proj))"
+# The mixed-batch requests: (adapter directory name or None for the base model, prompt). Every adapter,
+# a base row, one adapter on two rows, prompts of different lengths; request i uses image i.
+MIXED_REQUESTS = (
+    ("peft_lora", "user : <image> what colour is the circle ? assistant :"),
+    (None, "user : <image> how many shapes ? assistant :"),
+    ("peft_lora_vision", "user : <image> where is the red square in this picture ? give the bounding box . assistant :"),
+    ("peft_lora_mlp", "user : <image> count the objects in the scene . assistant :"),
+    ("peft_lora", "user : <image> which shape is blue ? answer with one word . assistant :"),
+)
 
 
 def init_lora(peft_model, seed: int, std: float = 0.2) -> None:
@@ -653,6 +663,54 @@ def build_adapters(out: pathlib.Path, mha_dir: pathlib.Path, inputs):
     arrays, meta = make_adapter(mha_dir, out / "peft_lora_vision", vis, seed=6, inputs=inputs)
     save_outputs(out / "peft_lora_vision.outputs.safetensors", arrays, meta)
 
+    set_determinism(0)
+    mlp = LoraConfig(
+        r=8,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=LORA_MLP_TARGETS,
+        base_model_name_or_path="llava_mha",
+    )
+    arrays, meta = make_adapter(mha_dir, out / "peft_lora_mlp", mlp, seed=7, inputs=inputs)
+    save_outputs(out / "peft_lora_mlp.outputs.safetensors", arrays, meta)
+
+
+def build_mixed(out: pathlib.Path, mha_dir: pathlib.Path) -> None:
+    """What PEFT gives each request of a mixed-adapter batch when it runs alone (no padding, its own image)."""
+    from peft import PeftModel
+
+    from valora_jax.models.tiny_processor import tiny_processor
+
+    set_determinism(0)
+    processor = tiny_processor(32, 8, "default")
+    images = np.random.default_rng(10).integers(0, 256, size=(len(MIXED_REQUESTS), 32, 32, 3), dtype=np.uint8)
+    models = {None: load_model(mha_dir)}
+    arrays, margin = {"images": images}, float("inf")
+    for i, (adapter, prompt) in enumerate(MIXED_REQUESTS):
+        if adapter not in models:
+            models[adapter] = PeftModel.from_pretrained(load_model(mha_dir), str(out / adapter)).eval()
+        inputs = process(processor, [prompt], images[i:i + 1])
+        ids, mask, pv = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
+        gen, row_margin = greedy(models[adapter], ids, mask, pv)
+        margin = min(margin, row_margin)
+        arrays[f"input_ids_{i}"] = ids.numpy().astype(np.int64)
+        arrays[f"pixel_values_{i}"] = pv.numpy().astype(np.float32)
+        arrays[f"logits_{i}"] = forward_logits(models[adapter], ids, mask, pv).numpy().astype(np.float32)
+        arrays[f"generated_ids_{i}"] = gen.numpy().astype(np.int64)
+    lengths = [arrays[f"input_ids_{i}"].shape[1] for i in range(len(MIXED_REQUESTS))]
+    assert len(set(lengths)) == len(lengths), f"prompt lengths must differ: {lengths}"
+    assert margin > MIN_GREEDY_MARGIN, margin
+    meta = {
+        "base": "llava_mha",
+        "adapters": json.dumps([adapter for adapter, _ in MIXED_REQUESTS]),
+        "prompts": json.dumps([prompt for _, prompt in MIXED_REQUESTS]),
+        "logits_i": "request i alone (batch 1, no padding) with its adapter (PeftModel) or the base model",
+        "generated_ids_i": "request i alone, new tokens only, greedy, eos_token_id=None",
+        "greedy_min_top2_margin": f"{margin:.6f}",
+    }
+    save_outputs(out / "mixed_batch.outputs.safetensors", arrays, meta)
+
 
 def summary(out: pathlib.Path) -> None:
     from safetensors import safe_open
@@ -693,13 +751,14 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     readme = out / "README.md"
     keep = readme.read_text() if readme.exists() else None
-    for name in ("llava_mha", "llava_gqa_legacy", "peft_lora", "peft_lora_vision"):
+    for name in ("llava_mha", "llava_gqa_legacy", "peft_lora", "peft_lora_vision", "peft_lora_mlp", "mixed_batch"):
         shutil.rmtree(out / name, ignore_errors=True)
         (out / f"{name}.outputs.safetensors").unlink(missing_ok=True)
 
     mha_dir, inputs = build_mha(out)
     build_legacy(out)
     build_adapters(out, mha_dir, inputs)
+    build_mixed(out, mha_dir)
     if keep is not None:
         readme.write_text(keep)
     summary(out)
