@@ -74,12 +74,13 @@ def run(args) -> list[dict]:
     bandwidth = copy_bandwidth(args.copy_bytes, calls=20, repeats=args.repeats, per_iteration=1)
     rows = []
     rng = np.random.default_rng(args.seed)
+    graphdef, state = nnx.split(model)
 
     progress(f"prefill of {args.prefill_len} tokens (compile, then {args.repeats} timed runs)")
     prefill_gen = Generator(model, max_len=args.prefill_len, min_bucket=args.prefill_len)
     ids = rng.integers(10, cfg.text.vocab_size, (1, args.prefill_len)).astype(np.int32)
     mask = np.ones_like(ids, bool)
-    seconds = timed(lambda cache: prefill_gen.prefill(prefill_gen.graphdef, prefill_gen.state, ids, None, mask, cache),
+    seconds = timed(lambda cache: prefill_gen.prefill(graphdef, state, ids, None, mask, cache),
                     lambda: (prefill_gen.new_cache(1),), repeats=args.repeats)
     rows.append({"phase": "prefill", "batch": 1, "tokens": args.prefill_len, "seconds": seconds,
                  "tokens_per_s": args.prefill_len / seconds})
@@ -97,7 +98,7 @@ def run(args) -> list[dict]:
         logits = jnp.zeros((batch, cfg.text.vocab_size), jnp.float32)
 
         def decode(cache_copy, logits=logits):
-            return gen.decode_loop(gen.graphdef, gen.state, logits, cache_copy, jax.random.key(0),
+            return gen.decode_loop(graphdef, state, logits, cache_copy, jax.random.key(0),
                                    max_new_tokens=args.new_tokens, sampling=SamplingConfig(),
                                    eos_token_id=-1, pad_token_id=0)
 

@@ -2,7 +2,9 @@
 
 The model's NNX state is an argument of every jitted function (never a closed-over constant), prompt
 lengths are bucketed to powers of two and the cache has a static length, so repeated calls with
-prompts of the same bucket reuse one compiled program. Prompts are left-padded (rows may be padded
+prompts of the same bucket reuse one compiled program. The state is read from the model at every call,
+so weights changed in between (an adapter pool's loads and merges) are the ones that run; an adapter
+pool's per-row selection (`adapters=`) is an argument too, so a new mix of adapters never recompiles. Prompts are left-padded (rows may be padded
 either way on input; they are re-packed), which lets every row write the cache at the same slot.
 """
 
@@ -65,22 +67,22 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def prefill(graphdef, state, input_ids, pixel_values, attention_mask, cache: KVCache):
+def prefill(graphdef, state, input_ids, pixel_values, attention_mask, cache: KVCache, adapters=None):
     """Run the prompt through the model into the cache; returns last-position logits and the cache."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model.hidden_states(input_ids, pixel_values, attention_mask, cache=cache)
+    hidden, cache = model.hidden_states(input_ids, pixel_values, attention_mask, cache=cache, adapters=adapters)
     return model.logits(hidden[:, -1]), cache
 
 
-def decode_step(graphdef, state, tokens: jax.Array, cache: KVCache):
+def decode_step(graphdef, state, tokens: jax.Array, cache: KVCache, adapters=None):
     """One token per row: logits (batch, vocab) for the next position, and the cache."""
     model = nnx.merge(graphdef, state)
     hidden, cache = model.hidden_states(tokens[:, None], attention_mask=jnp.ones((tokens.shape[0], 1), bool),
-                                        cache=cache)
+                                        cache=cache, adapters=adapters)
     return model.logits(hidden[:, -1]), cache
 
 
-def decode_loop(graphdef, state, first_logits, cache: KVCache, key, *, max_new_tokens: int,
+def decode_loop(graphdef, state, first_logits, cache: KVCache, key, adapters=None, *, max_new_tokens: int,
                 sampling: SamplingConfig, eos_token_id: int, pad_token_id: int):
     """Sample up to `max_new_tokens` per row; rows stop at EOS (later slots hold `pad_token_id`)."""
     batch = first_logits.shape[0]
@@ -94,7 +96,7 @@ def decode_loop(graphdef, state, first_logits, cache: KVCache, key, *, max_new_t
 
     def body(carry):
         step, out, last, done, cache, key = carry
-        logits, cache = decode_step(graphdef, state, last, cache)
+        logits, cache = decode_step(graphdef, state, last, cache, adapters)
         key, sub = jax.random.split(key)
         token = jnp.where(done, pad_token_id, sample(logits, sub, sampling))
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
@@ -109,7 +111,7 @@ class Generator:
     """Generation for one model with a static cache length; compiled programs are reused across calls."""
 
     def __init__(self, model: nnx.Module, *, max_len: int, cache_dtype=None, min_bucket: int = 16):
-        self.graphdef, self.state = nnx.split(model)
+        self.model = model
         self.config = model.config
         self.max_len = max_len
         self.min_bucket = min_bucket
@@ -124,8 +126,11 @@ class Generator:
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 32,
                  sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
-                 eos_token_id: int | None = None) -> np.ndarray:
-        """New tokens (batch, max_new_tokens); after a row's EOS the rest is the pad id."""
+                 eos_token_id: int | None = None, adapters=None) -> np.ndarray:
+        """New tokens (batch, max_new_tokens); after a row's EOS the rest is the pad id.
+
+        `adapters`: the adapter pool's per-row selection (`AdapterPool.select`), one entry per row.
+        """
         cfg = self.config
         input_ids = np.asarray(input_ids)
         attention_mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask)
@@ -136,10 +141,11 @@ class Generator:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         ids, mask = left_pad(input_ids, attention_mask, bucket, pad_id)
         pixels = None if pixel_values is None else jnp.asarray(pixel_values)
-        logits, cache = self.prefill(self.graphdef, self.state, ids, pixels, mask, self.new_cache(ids.shape[0]))
+        graphdef, state = nnx.split(self.model)
+        logits, cache = self.prefill(graphdef, state, ids, pixels, mask, self.new_cache(ids.shape[0]), adapters)
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         tokens, _ = self.decode_loop(
-            self.graphdef, self.state, logits, cache, key if key is not None else jax.random.key(0),
+            graphdef, state, logits, cache, key if key is not None else jax.random.key(0), adapters,
             max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=-1 if eos is None else eos,
             pad_token_id=pad_id,
         )

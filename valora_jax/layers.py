@@ -36,13 +36,19 @@ def normal(rngs: nnx.Rngs, shape: Sequence[int], dtype, std: float = 1.0) -> jax
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias) (+ adapter(x)); kernel (d_in, d_out) with logical axes for sharding."""
+    """y = x @ kernel (+ bias) (+ adapter(x)); kernel (d_in, d_out) with logical axes for sharding.
+
+    Two adapter hooks: `adapter`, one attached adapter for every row (training, `attach`), and `slots`,
+    the adapter pool's slot stack (`valora_jax.adapters.pool`): given a per-row selection
+    (`adapters=AdapterBatch`) the projection adds each row's own delta.
+    """
 
     def __init__(self, d_in: int, d_out: int, *, axes: tuple[str | None, str | None], use_bias: bool = False,
                  dtype=jnp.float32, rngs: nnx.Rngs):
         self.kernel = nnx.Param(lecun_normal(rngs, (d_in, d_out), dtype), logical_axes=axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype), logical_axes=(axes[1],)) if use_bias else None
         self.adapter = nnx.data(None)
+        self.slots = nnx.data(None)
 
     @property
     def in_features(self) -> int:
@@ -52,13 +58,26 @@ class Linear(nnx.Module):
     def out_features(self) -> int:
         return self.kernel.shape[1]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
+    def __call__(self, x: jax.Array, adapters=None) -> jax.Array:
+        if adapters is not None and self.slots is not None:
+            y = self.slots.project(x, self.kernel[...], adapters)
+        else:
+            y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
         if self.adapter is not None:
             y = y + self.adapter(x).astype(y.dtype)
         return y
+
+
+def serial_input(block: nnx.Module, x: jax.Array, adapters=None) -> jax.Array:
+    """What an attention block's q/k/v read: x through Serial LoRA's transform when the block has one
+    (the attached `qkv_input_adapter`, or the pool's `qkv_input_slots` for a per-row selection)."""
+    if adapters is not None and block.qkv_input_slots is not None:
+        x = block.qkv_input_slots.transform(x, adapters)
+    if block.qkv_input_adapter is not None:
+        x = block.qkv_input_adapter(x)
+    return x
 
 
 class Embedding(nnx.Module):

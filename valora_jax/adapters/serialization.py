@@ -21,6 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from valora_jax.adapters import peft_format
@@ -60,24 +61,37 @@ def _peft_lora_files(model, config: AdapterConfig, base_model):
     return tensors, peft_format.peft_config_json(config, hf_names, base_model)
 
 
-def load_adapter(model: nnx.Module, directory: str | pathlib.Path) -> AdapterConfig:
-    """Attach the adapter saved in `directory` to `model` (which must have none); returns its config."""
+def read_adapter(model: nnx.Module, directory: str | pathlib.Path) -> tuple[AdapterConfig, dict[str, dict[str, np.ndarray]]]:
+    """(config, host path -> {variable: array}) of the adapter saved in `directory`, validated against `model`.
+
+    Reads and checks only: nothing is attached, so the adapter pool uses it to keep adapters in host memory.
+    Raises FileNotFoundError for a missing file and ValueError for anything that does not fit `model`.
+    """
     directory = pathlib.Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not an adapter directory: missing {name}")
+    try:
+        config_json = json.loads((directory / CONFIG_FILE).read_text())
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except (OSError, ValueError, SafetensorError) as err:  # truncated or not JSON / safetensors at all
+        raise ValueError(f"{directory}: unreadable adapter files ({err})") from err
+    if not isinstance(config_json, dict):
+        raise ValueError(f"{directory / CONFIG_FILE}: expected a JSON object")
+    if config_json.get("peft_type") == "LORA":
+        return _read_peft_lora(model, config_json, tensors)
+    if config_json.get("adapter_format") == VALORA_FORMAT:
+        config = AdapterConfig.from_json({k: v for k, v in config_json.items() if k != "adapter_format"})
+        return config, _read_valora(model, config, tensors)
+    raise ValueError(f"{directory / CONFIG_FILE}: neither a PEFT LoRA (peft_type 'LORA') nor a valora_jax adapter "
+                     f"(peft_type={config_json.get('peft_type')!r})")
+
+
+def load_adapter(model: nnx.Module, directory: str | pathlib.Path) -> AdapterConfig:
+    """Attach the adapter saved in `directory` to `model` (which must have none); returns its config."""
     if any(True for _ in adapter_sites(model)):
         raise ValueError("the model already has an adapter attached; call detach(model) first")
-    config_json = json.loads((directory / CONFIG_FILE).read_text())
-    tensors = load_file(str(directory / WEIGHTS_FILE))
-    if config_json.get("peft_type") == "LORA":
-        config, values = _read_peft_lora(model, config_json, tensors)
-    elif config_json.get("adapter_format") == VALORA_FORMAT:
-        config = AdapterConfig.from_json({k: v for k, v in config_json.items() if k != "adapter_format"})
-        values = _read_valora(model, config, tensors)
-    else:
-        raise ValueError(f"{directory / CONFIG_FILE}: neither a PEFT LoRA (peft_type 'LORA') nor a valora_jax adapter "
-                         f"(peft_type={config_json.get('peft_type')!r})")
+    config, values = read_adapter(model, directory)
     adapters = {}
     for path, host in target_hosts(model, config).items():
         adapter = build_adapter(host, path, config, jnp.float32, nnx.Rngs(0))

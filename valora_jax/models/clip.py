@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from valora_jax.config import VisionConfig
-from valora_jax.layers import LayerNorm, Linear, activation, lecun_normal, normal
+from valora_jax.layers import LayerNorm, Linear, activation, lecun_normal, normal, serial_input
 from valora_jax.sharding import constrain
 
 
@@ -25,15 +25,16 @@ class VisionAttention(nnx.Module):
         self.k_proj = Linear(d, d, axes=("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d, d, axes=("embed", "heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.out_proj = Linear(d, d, axes=("heads", "embed"), use_bias=True, dtype=dtype, rngs=rngs)
-        # Hook for adapters that transform the block input before q/k/v (Serial LoRA): x -> qkv_input_adapter(x).
+        # Hooks for adapters that transform the block input before q/k/v (Serial LoRA): `serial_input`.
         self.qkv_input_adapter = nnx.data(None)
+        self.qkv_input_slots = nnx.data(None)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, adapters=None) -> jax.Array:
         split = lambda t: einops.rearrange(t, "b s (h d) -> b s h d", h=self.num_heads)
-        qkv_in = x if self.qkv_input_adapter is None else self.qkv_input_adapter(x)
-        out = jax.nn.dot_product_attention(split(self.q_proj(qkv_in)), split(self.k_proj(qkv_in)),
-                                           split(self.v_proj(qkv_in)))
-        return self.out_proj(einops.rearrange(out, "b s h d -> b s (h d)"))
+        qkv_in = serial_input(self, x, adapters)
+        out = jax.nn.dot_product_attention(split(self.q_proj(qkv_in, adapters)), split(self.k_proj(qkv_in, adapters)),
+                                           split(self.v_proj(qkv_in, adapters)))
+        return self.out_proj(einops.rearrange(out, "b s h d -> b s (h d)"), adapters)
 
 
 class VisionMLP(nnx.Module):
@@ -44,8 +45,8 @@ class VisionMLP(nnx.Module):
                           rngs=rngs)
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
+    def __call__(self, x: jax.Array, adapters=None) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x, adapters)), adapters)
 
 
 class VisionEncoderLayer(nnx.Module):
@@ -55,9 +56,9 @@ class VisionEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
         self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return constrain(x + self.mlp(self.layer_norm2(x)), "batch", "length", "embed")
+    def __call__(self, x: jax.Array, adapters=None) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), adapters)
+        return constrain(x + self.mlp(self.layer_norm2(x), adapters), "batch", "length", "embed")
 
 
 class VisionTower(nnx.Module):
@@ -90,11 +91,12 @@ class VisionTower(nnx.Module):
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...]
         return self.pre_layrnorm(x)
 
-    def __call__(self, pixel_values: jax.Array, num_layers: int | None = None) -> list[jax.Array]:
-        """Hidden states [embeddings, after layer 1, ..., after layer `num_layers`] (HF `hidden_states` order)."""
+    def __call__(self, pixel_values: jax.Array, num_layers: int | None = None, adapters=None) -> list[jax.Array]:
+        """Hidden states [embeddings, after layer 1, ..., after layer `num_layers`] (HF `hidden_states` order);
+        `adapters` selects each image's adapter slot."""
         x = constrain(self.embed(pixel_values), "batch", "length", "embed")
         states = [x]
         for layer in self.layers[: num_layers if num_layers is not None else len(self.layers)]:
-            x = layer(x)
+            x = layer(x, adapters)
             states.append(x)
         return states

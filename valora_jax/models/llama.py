@@ -17,7 +17,7 @@ from flax import nnx
 
 from valora_jax.config import RopeConfig, TextConfig
 from valora_jax.kv_cache import KVCache
-from valora_jax.layers import Embedding, Linear, RMSNorm, activation
+from valora_jax.layers import Embedding, Linear, RMSNorm, activation, serial_input
 from valora_jax.sharding import constrain
 
 
@@ -65,14 +65,15 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, self.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=bias, dtype=dtype,
                              rngs=rngs)
         self.o_proj = Linear(self.num_heads * hd, d, axes=("heads", "embed"), use_bias=bias, dtype=dtype, rngs=rngs)
-        # Hook for adapters that transform the block input before q/k/v (Serial LoRA): x -> qkv_input_adapter(x).
+        # Hooks for adapters that transform the block input before q/k/v (Serial LoRA): `serial_input`.
         self.qkv_input_adapter = nnx.data(None)
+        self.qkv_input_slots = nnx.data(None)
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int):
-        qkv_in = x if self.qkv_input_adapter is None else self.qkv_input_adapter(x)
-        q = einops.rearrange(self.q_proj(qkv_in), "b s (h d) -> b s h d", h=self.num_heads)
-        k = einops.rearrange(self.k_proj(qkv_in), "b s (h d) -> b s h d", h=self.num_kv_heads)
-        v = einops.rearrange(self.v_proj(qkv_in), "b s (h d) -> b s h d", h=self.num_kv_heads)
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer: int, adapters=None):
+        qkv_in = serial_input(self, x, adapters)
+        q = einops.rearrange(self.q_proj(qkv_in, adapters), "b s (h d) -> b s h d", h=self.num_heads)
+        k = einops.rearrange(self.k_proj(qkv_in, adapters), "b s (h d) -> b s h d", h=self.num_kv_heads)
+        v = einops.rearrange(self.v_proj(qkv_in, adapters), "b s (h d) -> b s h d", h=self.num_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             at = (layer, 0, cache.length, 0, 0)
@@ -83,7 +84,7 @@ class Attention(nnx.Module):
             )
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-        return self.o_proj(einops.rearrange(out, "b s h d -> b s (h d)")), cache
+        return self.o_proj(einops.rearrange(out, "b s h d -> b s (h d)"), adapters), cache
 
 
 class MLP(nnx.Module):
@@ -94,9 +95,9 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), use_bias=bias, dtype=dtype, rngs=rngs)
         self.act = activation(cfg.hidden_act)
 
-    def __call__(self, x):
-        h = constrain(self.act(self.gate_proj(x)) * self.up_proj(x), "batch", "length", "mlp")
-        return self.down_proj(h)
+    def __call__(self, x, adapters=None):
+        h = constrain(self.act(self.gate_proj(x, adapters)) * self.up_proj(x, adapters), "batch", "length", "mlp")
+        return self.down_proj(h, adapters)
 
 
 class DecoderLayer(nnx.Module):
@@ -106,10 +107,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache, layer):
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def __call__(self, x, cos, sin, mask, cache, layer, adapters=None):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, adapters)
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), adapters)
         return constrain(x, "batch", "length", "embed"), cache
 
 
@@ -123,8 +124,8 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Hidden states for `inputs_embeds` (b, s, d).
+                 cache: KVCache | None = None, adapters=None) -> tuple[jax.Array, KVCache | None]:
+        """Hidden states for `inputs_embeds` (b, s, d); `adapters` is the adapter pool's per-row selection.
 
         Without a cache: causal attention among the given tokens, keys masked by `attention_mask`;
         positions are `position_ids` or 0..s-1 (transformers' forward). With a cache: the tokens are
@@ -146,7 +147,7 @@ class LlamaModel(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim), inputs_embeds.dtype)
         x = constrain(inputs_embeds, "batch", "length", "embed")
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, mask, cache, i)
+            x, cache = layer(x, cos, sin, mask, cache, i, adapters)
         if cache is not None:
             cache = dataclasses.replace(
                 cache,

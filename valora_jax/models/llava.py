@@ -29,8 +29,8 @@ class MultiModalProjector(nnx.Module):
         self.linear_2 = Linear(d_text, d_text, axes=("mlp", "embed"), use_bias=bias, dtype=dtype, rngs=rngs)
         self.act = activation(cfg.projector_hidden_act)
 
-    def __call__(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
+    def __call__(self, x, adapters=None):
+        return self.linear_2(self.act(self.linear_1(x, adapters)), adapters)
 
 
 class LlavaForConditionalGeneration(nnx.Module):
@@ -44,23 +44,31 @@ class LlavaForConditionalGeneration(nnx.Module):
         )
 
     # -- vision ------------------------------------------------------------------------------------------
-    def image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """(images, image_seq_length, text hidden): projected features of each image."""
+    def image_features(self, pixel_values: jax.Array, adapters=None) -> jax.Array:
+        """(images, image_seq_length, text hidden): projected features of each image (`adapters`: per image)."""
         cfg = self.config
         num_states = cfg.vision.num_hidden_layers + 1
         indices = [k % num_states for k in cfg.feature_layers]
-        states = self.vision_tower(pixel_values, num_layers=max(indices))  # layers past the last used are skipped
+        # layers past the last used are skipped
+        states = self.vision_tower(pixel_values, num_layers=max(indices), adapters=adapters)
         selected = [states[k][:, 1:] if cfg.vision_feature_select_strategy == "default" else states[k] for k in indices]
-        return self.multi_modal_projector(jnp.concatenate(selected, axis=-1))
+        return self.multi_modal_projector(jnp.concatenate(selected, axis=-1), adapters)
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None) -> jax.Array:
+    def image_rows(self, input_ids: jax.Array, num_images: int) -> jax.Array:
+        """(images,) the row each image belongs to: images fill the `<image>` positions in row-major order."""
+        per_row = jnp.sum(input_ids == self.config.image_token_id, axis=1) // self.config.image_seq_length
+        return jnp.repeat(jnp.arange(input_ids.shape[0]), per_row, total_repeat_length=num_images)
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, adapters=None) -> jax.Array:
         """Token embeddings with image features written over the `<image>` positions, row-major in order."""
         cfg = self.config
         is_image = input_ids == cfg.image_token_id
         embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))
         if pixel_values is None:
             return embeds
-        features = self.image_features(pixel_values).astype(embeds.dtype)
+        if adapters is not None:
+            adapters = adapters.for_rows(self.image_rows(input_ids, pixel_values.shape[0]))
+        features = self.image_features(pixel_values, adapters).astype(embeds.dtype)
         features = features.reshape(-1, features.shape[-1])
         feature_index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
         scattered = features[feature_index].reshape(embeds.shape)
@@ -72,14 +80,18 @@ class LlavaForConditionalGeneration(nnx.Module):
         return out.astype(jnp.float32)
 
     def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None,
-                      cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      cache: KVCache | None = None, adapters=None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed decoder hidden states (b, s, d) (and the updated cache when one is given)."""
         input_ids, pixel_values, attention_mask = self._as_arrays(input_ids, pixel_values, attention_mask)
-        return self.language_model(self.embed(input_ids, pixel_values), attention_mask, position_ids, cache)
+        return self.language_model(self.embed(input_ids, pixel_values, adapters), attention_mask, position_ids,
+                                   cache, adapters)
 
-    def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None) -> jax.Array:
-        """Logits (batch, seq, vocab) in float32; accepts the numpy arrays an HF processor returns."""
-        hidden, _ = self.hidden_states(input_ids, pixel_values, attention_mask, position_ids)
+    def __call__(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, adapters=None) -> jax.Array:
+        """Logits (batch, seq, vocab) in float32; accepts the numpy arrays an HF processor returns.
+
+        `adapters`: the adapter pool's per-row selection (`AdapterPool.select`), or None for the model as is.
+        """
+        hidden, _ = self.hidden_states(input_ids, pixel_values, attention_mask, position_ids, adapters=adapters)
         return self.logits(hidden)
 
     def _as_arrays(self, input_ids, pixel_values, attention_mask):
