@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 REF_VENV := .venv-ref
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv demo test golden bench clean
+.PHONY: venv demo test golden bench bench-gpu clean
 
 $(STAMP): pyproject.toml requirements.lock scripts/find_python312.sh
 	@test -x $(PY) || { PY312=$$(scripts/find_python312.sh) && $$PY312 -m venv $(VENV); }
@@ -34,6 +34,12 @@ golden: $(REF_VENV)/.installed
 
 bench: $(STAMP)
 	$(PY) -m pallas_kernels.bench
+
+# On a GPU machine: the GPU tests and every benchmark at its GPU preset, each step time-boxed, into OUT
+# (default: $$OUT from the environment, else results/bench-gpu). No venv step: such a machine may run
+# jax installed system-wide (scripts/bench_gpu.sh uses .venv/bin/python where it exists, else python).
+bench-gpu:
+	scripts/bench_gpu.sh $(if $(OUT),'$(OUT)')
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) .pytest_cache

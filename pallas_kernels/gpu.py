@@ -20,15 +20,9 @@ decode tiles hold many runs and are too few to fill the GPU on their own.
 - delta (tiles.fuse_shrink): the expand with no shrink kernel before it; each program takes one run
   of its tile and computes that run's scaled x @ A over all of d_in itself (every d_out tile again,
   A re-read from L2), so a decode delta is one launch (two with sort) and xa never goes through HBM.
-- shrink + expand in one launch (tiles.one_launch): both kernels' programs in one grid, roles by
-  atomic ticket, each expand program waiting for its token tile's shrink programs
-  (`_one_launch_kernel`), so a decode delta pays one launch with no recompute. The projection's
-  shrink and GEMM programs likewise, each GEMM program waiting only before its epilogue. Exact on
-  the H100 but slower there than two launches (PERF.md round 7), so a tune switch only.
 - projection: grid (tiles, d_out tiles), natural-order tiles whatever tiles.sort says. y = x @ W
   with x and W loaded as contiguous blocks and the expand as its epilogue, so W is read once per
-  token tile and y written once; the shrink kernel (sorted or not) runs first, or with
-  tiles.one_launch in the same launch (x, W and y then indexed as whole arrays, `_projection_program`).
+  token tile and y written once; the shrink kernel (sorted or not) runs first.
 
 With tiles.expand_rows the expand (of the delta and of the projection's epilogue) skips the runs and
 lets every row gather its own adapter's B instead (`_expand_rows`): for decode, where the runs of a
@@ -58,7 +52,6 @@ SORT_ROWS, SORT_COLS = 4, 1024
 # a batch (same slot ids) issues the identical sort, which XLA's common-subexpression elimination can
 # compute once (num_stages 3 as the prefill entries that sort over several steps had it).
 SORT_LAUNCH = plgpu.CompilerParams(num_warps=4, num_stages=3)
-SPIN_LIMIT = 1 << 20  # atomic reads of a one_launch wait before it gives up (about 1 s on an H100)
 
 
 def _load(ref, *index, mask, other=0):
@@ -274,19 +267,11 @@ def _sort_kernel(slot_ref, order_ref, *, num_slots: int):
 
 
 def _shrink_kernel(*refs, tiles: Tiles, num_slots: int):
-    """With tiles.atomic_split_k the last operand is the zeroed xa, aliased to the output."""
-    order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, *_, xa_ref) = _split_refs(refs, tiles.sort)
-    _shrink_program(order_ref, slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref, pl.program_id(0),
-                    pl.program_id(1), pl.program_id(2), tiles=tiles, num_slots=num_slots)
-
-
-def _shrink_program(order_ref, slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref, tile, group, split, *,
-                    tiles: Tiles, num_slots: int):
-    """Shrink program (token tile, run group, split-K split): its runs' scaled x @ A partials into xa."""
+    """Grid (token tiles, run groups, split-K splits): each program's runs' scaled x @ A partials into xa."""
+    order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref) = _split_refs(refs, tiles.sort)
     bt, bk, br = tiles.block_t, tiles.block_k, tiles.block_r
-    rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
-    if tiles.atomic_split_k:  # distinct rows for the atomic adds: rows past the end get padding rows of xa
-        padded_rows = jnp.where(valid, rows, tile * bt + jnp.arange(bt))
+    rows, _, keys = _tile(order_ref, slot_ref, pl.program_id(0), bt, num_slots)
+    split = pl.program_id(2)
     k_blocks = math.ceil(x_ref.shape[1] / bk)
     per_split = math.ceil(k_blocks / tiles.split_k)
     k_start = split * per_split
@@ -298,41 +283,27 @@ def _shrink_program(order_ref, slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa
         def rank_block(r_idx, r_ok, carry):
             # An empty split (k_start >= k_stop) still stores its zero partial: expand reads every split.
             acc = _shrink_block(x_ref, a_ref, rows, in_run, key, r_idx, r_ok, k_start, k_stop, block_k=bk)
-            if tiles.atomic_split_k:
-                # Every row of the tile adds, the rows outside the run exactly 0 (interpret mode's
-                # atomics take no mask): one code path for both.
-                plgpu.atomic_add(xa_ref, (0, padded_rows[:, None], r_idx[None, :]),
-                                 jnp.where(in_run[:, None], acc * scale, 0))
-            else:
-                plgpu.store(xa_ref.at[split, rows[:, None], r_idx[None, :]], acc * scale, mask=in_run[:, None])
+            plgpu.store(xa_ref.at[split, rows[:, None], r_idx[None, :]], acc * scale, mask=in_run[:, None])
             return carry
 
         return _over_rank_blocks(rank, True, a_ref.shape[2], br, rank_block, carry)
 
-    _for_each_run(keys, num_slots, run, jnp.int32(0), group=group, groups=tiles.split_runs)
+    _for_each_run(keys, num_slots, run, jnp.int32(0), group=pl.program_id(1), groups=tiles.split_runs)
 
 
 def _expand_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool):
-    """Grid (tiles, run groups, d_out tiles); the xa operand is the shrink's partials, or with
-    tiles.fuse_shrink the three operands (scales, x, A) that this kernel computes xa from."""
+    """Grid (token tiles, run groups, d_out tiles): y rows of each program's runs = base + xa @ B. The xa
+    operand is the shrink's partials, or with tiles.fuse_shrink the three operands (scales, x, A) that
+    this kernel computes xa from."""
     order_ref, (slot_ref, ranks_ref, *refs) = _split_refs(refs, tiles.sort)
     xa_refs, (b_ref, *refs) = (refs[:3], refs[3:]) if tiles.fuse_shrink else (refs[:1], refs[1:])
     base_ref, out_ref = refs if add_base else (None, refs[0])
-    _expand_program(order_ref, slot_ref, ranks_ref, xa_refs, b_ref, base_ref, out_ref, pl.program_id(0),
-                    pl.program_id(1), pl.program_id(2), tiles=tiles, num_slots=num_slots)
-
-
-def _expand_program(order_ref, slot_ref, ranks_ref, xa_refs, b_ref, base_ref, out_ref, tile, group, n_block, *,
-                    tiles: Tiles, num_slots: int, wait=None):
-    """Expand program (token tile, run group, d_out tile): y rows of its runs = base + xa @ B. `wait()`,
-    if given, runs after the tile's slots are loaded and before xa is read."""
     bt, bn = tiles.block_t, tiles.block_n
     d_out = out_ref.shape[1]
-    rows, valid, keys = _tile(order_ref, slot_ref, tile, bt, num_slots)
-    n_idx = n_block * bn + jnp.arange(bn)
+    rows, valid, keys = _tile(order_ref, slot_ref, pl.program_id(0), bt, num_slots)
+    group = pl.program_id(1)
+    n_idx = pl.program_id(2) * bn + jnp.arange(bn)
     n_ok = _tail(n_idx, d_out)
-    if wait is not None:
-        wait()
     refs = dict(n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, b_ref=b_ref, num_slots=num_slots)
     acc = jnp.zeros((bt, bn), jnp.float32)
     if tiles.expand_rows:
@@ -360,119 +331,30 @@ def _expand_program(order_ref, slot_ref, ranks_ref, xa_refs, b_ref, base_ref, ou
     plgpu.store(out_ref.at[rows[:, None], n_idx[None, :]], acc.astype(out_ref.dtype), mask=mask)
 
 
-def _one_launch_kernel(*refs, tiles: Tiles, num_slots: int, add_base: bool, gemm: bool, interpret: bool):
-    """The shrink's programs and the expand's, or the projection's GEMM programs, in one launch
-    (tiles.one_launch). Operands: [order,] slots, ranks, scales, x, A, B, [base or, with `gemm`, W,]
-    the zeroed tickets and, with atomic_split_k, the zeroed xa (both aliased to outputs); outputs y,
-    xa, tickets.
-
-    A program's role is its ticket (tickets[0], taken atomically), not its program id: the first
-    tickets are the shrink's programs, the rest expand or GEMM programs. Each shrink program counts
-    itself in at tickets[1 + token tile] (after a CTA barrier, so every thread's partial is stored
-    before that release), and each later program waits for the count of the shrink programs whose xa
-    it reads: the expand before it reads xa, the GEMM after its K loop (the shrink then hides behind
-    the GEMM), before its epilogue. The GEMM walks natural-order tiles, so with tiles.sort every
-    shrink program counts at tickets[1] and the GEMM waits for all of them. A later ticket is drawn
-    only after every shrink ticket went to a program already running, so the wait cannot deadlock on
-    a GPU, and interpret mode, which runs programs one after another, hands the shrink tickets out
-    first. The second launch and the slot loads of the expand (or the whole shrink, behind the GEMM)
-    leave the critical path of a decode call.
-    """
-    order_ref, (slot_ref, ranks_ref, scales_ref, x_ref, a_ref, b_ref, *refs) = _split_refs(refs, tiles.sort)
-    extra_ref = refs[0] if add_base or gemm else None
-    out_ref, xa_ref, tickets_ref = refs[-3:]
-    token_tiles, n_blocks = pl.cdiv(slot_ref.shape[0], tiles.block_t), pl.cdiv(out_ref.shape[1], tiles.block_n)
-    shrink_per_tile = tiles.split_runs * tiles.split_k
-    shrink_tickets = token_tiles * shrink_per_tile
-    count_all = gemm and tiles.sort  # the GEMM's natural-order tile may hold tokens of any sorted tile
-    finished = shrink_tickets if count_all else shrink_per_tile
-
-    program = {"tiles": tiles, "num_slots": num_slots}
-
-    def counter(tile):  # where a token tile's shrink programs count themselves in
-        return jnp.int32(1) if count_all else 1 + tile
-
-    def wait_for_shrink(tile):
-        return lambda: _wait_until(tickets_ref, counter(tile), finished)
-
-    def shrink(ticket):
-        tile, rest = divmod(ticket, shrink_per_tile)
-        _shrink_program(order_ref, slot_ref, ranks_ref, scales_ref, x_ref, a_ref, xa_ref, tile,
-                        rest // tiles.split_k, rest % tiles.split_k, **program)
-        if not interpret:
-            plgpu.debug_barrier()
-        plgpu.atomic_add(tickets_ref, counter(tile), jnp.int32(1))
-        return ticket
-
-    def expand(ticket):
-        expand_groups = 1 if tiles.expand_rows else tiles.split_runs
-        tile, rest = divmod(ticket - shrink_tickets, expand_groups * n_blocks)
-        _expand_program(order_ref, slot_ref, ranks_ref, [xa_ref], b_ref, extra_ref, out_ref, tile,
-                        rest // n_blocks, rest % n_blocks, wait=wait_for_shrink(tile), **program)
-        return ticket
-
-    def gemm_program(ticket):
-        tile, n_block = divmod(ticket - shrink_tickets, n_blocks)
-        _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, extra_ref, b_ref, out_ref, tile, n_block,
-                            d_in=x_ref.shape[1], blocks=False, wait=wait_for_shrink(tile), **program)
-        return ticket
-
-    ticket = plgpu.atomic_add(tickets_ref, jnp.int32(0), jnp.int32(1))
-    # each branch yields the ticket: scf.if needs a value
-    lax.cond(ticket < shrink_tickets, shrink, gemm_program if gemm else expand, ticket)
-
-
-def _wait_until(counter_ref, index, count: int) -> None:
-    """Spin until counter_ref[index] >= count, reading it by atomics (acquire, GPU scope), or until
-    SPIN_LIMIT reads: a wait that should take microseconds then ends in a wrong result, which the
-    tests catch, rather than in a hung GPU."""
-    def read(state):  # the index rides in the loop's state: interpret mode's loops take no constants
-        _, index, reads = state
-        return plgpu.atomic_add(counter_ref, index, index * 0), index, reads + 1
-
-    lax.while_loop(lambda state: (state[0] < count) & (state[2] < SPIN_LIMIT), read,
-                   read((jnp.int32(0), index, jnp.int32(0))))
-
-
 def _projection_kernel(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, *, tiles: Tiles,
                        num_slots: int, d_in: int):
-    """Grid (token tiles, d_out tiles); x, W and y are BlockSpec blocks of the program's tile."""
-    _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, pl.program_id(0),
-                        pl.program_id(1), tiles=tiles, num_slots=num_slots, d_in=d_in, blocks=True)
-
-
-def _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_ref, tile, n_block, *,
-                        tiles: Tiles, num_slots: int, d_in: int, blocks: bool, wait=None):
-    """One (token tile, d_out tile) of x @ W plus the expand as its epilogue.
+    """Grid (token tiles, d_out tiles): one tile of x @ W plus the expand as its epilogue; x, W and y
+    are BlockSpec blocks of the program's tile.
 
     The K loop is a plain GEMM over natural-order token tiles (masks only on axes whose size the
     tile does not divide), so its loads vectorize and pipeline as in a dense Pallas GEMM; the
-    adapters only enter in the epilogue, through gathers of xa and B by token and slot. With
-    `blocks`, x, W and y are the tile's contiguous blocks; otherwise whole arrays, indexed by the
-    tile's rows and columns (one_launch, whose programs are not a (tile, d_out tile) grid). `wait()`,
-    if given, runs after the K loop, before the epilogue reads xa.
+    adapters only enter in the epilogue, through gathers of xa and B by token and slot.
     """
     bt, bk, bn = tiles.block_t, tiles.block_k, tiles.block_n
     num_tokens, d_out = slot_ref.shape[0], b_ref.shape[2]
-    rows, valid, keys = _tile(None, slot_ref, tile, bt, num_slots)
-    n_idx = n_block * bn + jnp.arange(bn)
+    rows, valid, keys = _tile(None, slot_ref, pl.program_id(0), bt, num_slots)
+    n_idx = pl.program_id(1) * bn + jnp.arange(bn)
     n_ok = _tail(n_idx, d_out)
     rows_edge = valid if num_tokens % bt else None
 
     def k_step(k_block, acc):
         k_idx = k_block * bk + jnp.arange(bk)
         k_ok = _tail(k_idx, d_in)
-        if blocks:
-            x_at, w_at = (slice(None), pl.ds(k_block * bk, bk)), (pl.ds(k_block * bk, bk), slice(None))
-        else:
-            x_at, w_at = (rows[:, None], k_idx[None, :]), (k_idx[:, None], n_idx[None, :])
-        x = _load(x_ref, *x_at, mask=_edge_mask(rows_edge, k_ok))
-        w = _load(w_ref, *w_at, mask=_edge_mask(k_ok, n_ok))
+        x = _load(x_ref, slice(None), pl.ds(k_block * bk, bk), mask=_edge_mask(rows_edge, k_ok))
+        w = _load(w_ref, pl.ds(k_block * bk, bk), slice(None), mask=_edge_mask(k_ok, n_ok))
         return acc + dot_f32(x, w)
 
     acc = lax.fori_loop(0, pl.cdiv(d_in, bk), k_step, jnp.zeros((bt, bn), jnp.float32))
-    if wait is not None:
-        wait()
     refs = dict(n_idx=n_idx, n_ok=n_ok, ranks_ref=ranks_ref, b_ref=b_ref, num_slots=num_slots)
     if tiles.expand_rows:
         acc = _expand_rows(acc, keys, rows, xa_ref=xa_ref, **refs)
@@ -480,8 +362,7 @@ def _projection_program(slot_ref, ranks_ref, xa_ref, x_ref, w_ref, b_ref, out_re
         xa_block = _xa_partials(xa_ref, rows, valid, whole_tile=xa_ref.shape[2] == tiles.block_r)
         acc = _for_each_run(keys, num_slots, lambda key, in_run, acc: _expand_run(
             acc, key, in_run, xa_block=xa_block, block_r=tiles.block_r, **refs), acc)
-    out = out_ref if blocks else out_ref.at[rows[:, None], n_idx[None, :]]
-    plgpu.store(out, acc.astype(out_ref.dtype), mask=_edge_mask(rows_edge, n_ok))
+    plgpu.store(out_ref, acc.astype(out_ref.dtype), mask=_edge_mask(rows_edge, n_ok))
 
 
 def _call(kernel, grid, out_shape, launch: Tiles | plgpu.CompilerParams, interpret: bool, name: str, *operands,
@@ -506,62 +387,24 @@ def _order(slot_ids, num_slots: int, tiles: Tiles, interpret: bool) -> list:
     return [slot_order(slot_ids, num_slots, interpret)] if tiles.sort else []
 
 
-def _xa_buffer(num_tokens: int, rank_buffer: int, tiles: Tiles) -> tuple[jax.ShapeDtypeStruct, list]:
-    """xa's shape, and [zeros] to alias it to with atomic_split_k ([] otherwise): split-K partials
-    (split_k, T, R padded to block_r), float32, or with tiles.atomic_split_k their sum, added up by
-    atomics in a zeroed (1, T padded to block_t, R)."""
-    padded_rank = pl.cdiv(rank_buffer, tiles.block_r) * tiles.block_r
-    if not tiles.atomic_split_k:
-        return jax.ShapeDtypeStruct((tiles.split_k, num_tokens, padded_rank), jnp.float32), []
-    zeros = jnp.zeros((1, pl.cdiv(num_tokens, tiles.block_t) * tiles.block_t, padded_rank), jnp.float32)
-    return jax.ShapeDtypeStruct(zeros.shape, zeros.dtype), [zeros]
-
-
 def _shrink(order: list, x, a_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
-    """Scaled x @ A per token, float32, as `_xa_buffer` lays it out."""
+    """Scaled x @ A per token: split-K partials (split_k, T, R padded to block_r), float32."""
     num_slots, _, rank_buffer = a_pool.shape
     kernel = functools.partial(_shrink_kernel, tiles=tiles, num_slots=num_slots)
     grid = (pl.cdiv(x.shape[0], tiles.block_t), tiles.split_runs, tiles.split_k)
-    operands = [*order, slot_ids, ranks, scales, x, a_pool]
-    xa, zeros = _xa_buffer(x.shape[0], rank_buffer, tiles)
-    return _call(kernel, grid, xa, tiles, interpret, "atmm_shrink", *operands, *zeros,
-                 input_output_aliases={len(operands): 0} if zeros else {})
-
-
-def _one_launch(order: list, x, a_pool, b_pool, slot_ids, ranks, scales, extra: list, tiles: Tiles,
-                interpret: bool, *, gemm: bool) -> tuple[jax.Array, jax.Array]:
-    """y and the final tickets of `_one_launch_kernel`: the shrink's programs, then the expand's
-    (`extra` = [base] or []) or, with `gemm`, the projection's (`extra` = [W])."""
-    num_slots, rank_buffer, d_out = b_pool.shape
-    num_tokens = x.shape[0]
-    token_tiles, n_blocks = pl.cdiv(num_tokens, tiles.block_t), pl.cdiv(d_out, tiles.block_n)
-    kernel = functools.partial(_one_launch_kernel, tiles=tiles, num_slots=num_slots, add_base=bool(extra) and not gemm,
-                               gemm=gemm, interpret=interpret)
-    xa, xa_zeros = _xa_buffer(num_tokens, rank_buffer, tiles)
-    tickets = jnp.zeros((1 + token_tiles,), jnp.int32)  # [next ticket, finished shrinks per token tile]
-    operands = [*order, slot_ids, ranks, scales, x, a_pool, b_pool, *extra, tickets, *xa_zeros]
-    aliases = {len(operands) - len(xa_zeros) - 1: 2} | ({len(operands) - 1: 1} if xa_zeros else {})
-    groups = 1 if gemm or tiles.expand_rows else tiles.split_runs
-    programs = token_tiles * (tiles.split_runs * tiles.split_k + groups * n_blocks)  # shrink's, then the rest
-    outs = (jax.ShapeDtypeStruct((num_tokens, d_out), x.dtype), xa, jax.ShapeDtypeStruct(tickets.shape, tickets.dtype))
-    name = "atmm_shrink_projection" if gemm else "atmm_shrink_expand"
-    y, _, tickets = _call(kernel, (programs,), outs, tiles, interpret, name, *operands,
-                          input_output_aliases=aliases)
-    return y, tickets
+    padded_rank = pl.cdiv(rank_buffer, tiles.block_r) * tiles.block_r
+    xa = jax.ShapeDtypeStruct((tiles.split_k, x.shape[0], padded_rank), jnp.float32)
+    return _call(kernel, grid, xa, tiles, interpret, "atmm_shrink", *order, slot_ids, ranks, scales, x, a_pool)
 
 
 def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Tiles,
                  interpret: bool) -> jax.Array:
     """base_out (or zeros) + every token's LoRA delta, in x's dtype: [sort,] shrink, expand; with
-    tiles.fuse_shrink [sort,] one kernel, the expand computing its own xa (`_xa_recomputed`); with
-    tiles.one_launch [sort,] the shrink's and the expand's programs in one launch."""
+    tiles.fuse_shrink [sort,] one kernel, the expand computing its own xa (`_xa_recomputed`)."""
     num_slots, _, d_out = b_pool.shape
     num_tokens = x.shape[0]
     order = _order(slot_ids, num_slots, tiles, interpret)
     base = [] if base_out is None else [base_out]
-    if tiles.one_launch:
-        return _one_launch(order, x, a_pool, b_pool, slot_ids, ranks, scales, base, tiles, interpret,
-                           gemm=False)[0]
     if tiles.fuse_shrink:
         xa, name = [scales, x, a_pool], "atmm_delta"
     else:
@@ -574,8 +417,7 @@ def batched_lora(x, a_pool, b_pool, slot_ids, ranks, scales, base_out, tiles: Ti
 
 
 def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles, interpret: bool) -> jax.Array:
-    """x @ W + every token's LoRA delta: [sort,] shrink, then one GEMM with the expand as epilogue
-    (with tiles.one_launch the shrink's programs and the GEMM's in one launch).
+    """x @ W + every token's LoRA delta: [sort,] shrink, then one GEMM with the expand as epilogue.
 
     The GEMM walks token tiles in natural order whatever tiles.sort says (sort orders the shrink
     only, which writes xa by token): x and W then load as contiguous blocks, and W is read once per
@@ -588,8 +430,6 @@ def lora_projection(x, w, a_pool, b_pool, slot_ids, ranks, scales, tiles: Tiles,
     num_slots, _, d_out = b_pool.shape
     num_tokens, d_in = x.shape
     order = _order(slot_ids, num_slots, tiles, interpret)
-    if tiles.one_launch:
-        return _one_launch(order, x, a_pool, b_pool, slot_ids, ranks, scales, [w], tiles, interpret, gemm=True)[0]
     bt, bn = tiles.block_t, tiles.block_n
     k_span = pl.cdiv(d_in, tiles.block_k) * tiles.block_k  # the K loop's last block may pass d_in
     xa = _shrink(order, x, a_pool, slot_ids, ranks, scales, tiles, interpret)

@@ -36,17 +36,8 @@ class Tiles:
     than in natural order: fewer adapters per tile, one more launch); split_runs (programs sharing
     the adapter runs of one token tile); expand_rows (expand by per-row gathers of B instead of one
     dot per adapter run); xla_base (lora_projection only: base GEMM by XLA, delta added by the
-    expand, instead of the Pallas GEMM with the expand as epilogue); atomic_split_k (the shrink adds
-    its split-K partials into one zeroed xa with atomics, so that each expand program reads one
-    partial instead of split_k: at prefill the re-read partials are the largest traffic; slower on
-    the H100 all the same, PERF.md round 7);
-    one_launch (the two-kernel delta's shrink and expand programs in one launch, each expand
-    program waiting for its token tile's shrink programs: one launch and one dependent load chain
-    fewer, for decode; in lora_projection without xla_base, the shrink's programs and the Pallas
-    GEMM's, each GEMM program waiting before its epilogue, so the shrink hides behind the GEMM;
-    1.7-1.9x slower on the H100 at decode, PERF.md round 7: tickets and polls cost more than a launch).
-    lora_projection's GEMM always walks natural-order tiles; sort there orders its shrink only. See
-    gpu.py.
+    expand, instead of the Pallas GEMM with the expand as epilogue). lora_projection's GEMM always
+    walks natural-order tiles; sort there orders its shrink only. See gpu.py.
 
     fuse_shrink: compute x @ A inside the kernel that writes y instead of in a separate shrink
     kernel, so one kernel runs, but every d_out tile recomputes the shrink: a win while the call is
@@ -69,8 +60,6 @@ class Tiles:
     split_runs: int = 1
     expand_rows: bool = False
     xla_base: bool = False
-    atomic_split_k: bool = False
-    one_launch: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,22 +120,19 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
         xla_base = tiles.xla_base and key.fused
         fuse_shrink = tiles.fuse_shrink and (xla_base or not key.fused)  # the Pallas GEMM has no fused shrink
         split_runs = min(block_t, key.adapters + 1)  # a tile's runs: its rows, the slots and "no adapter"
-        split_k = 1 if fuse_shrink else max(1, min(tiles.split_k, max_split))
         return dataclasses.replace(
             tiles,
             block_t=block_t,
             block_k=block_k,
             block_r=gpu_dim(tiles.block_r, key.rank),
             block_n=gpu_dim(tiles.block_n, key.d_out),
-            split_k=split_k,
+            split_k=1 if fuse_shrink else max(1, min(tiles.split_k, max_split)),
             num_warps=_prev_pow2(min(max(tiles.num_warps, 1), 16)),
             num_stages=max(1, tiles.num_stages),
             fuse_shrink=fuse_shrink,
             split_runs=split_runs if fuse_shrink else max(1, min(tiles.split_runs, split_runs)),
             expand_rows=tiles.expand_rows and not fuse_shrink,
             xla_base=xla_base,
-            atomic_split_k=tiles.atomic_split_k and split_k > 1,
-            one_launch=tiles.one_launch and not fuse_shrink,
         )
     if backend == "pallas_tpu":
         # Token tiles of 16 keep bf16 (16, 128) sublane packing; the padded token layout is a
@@ -159,7 +145,6 @@ def fit(tiles: Tiles, key: ShapeKey, backend: str) -> Tiles:
             block_r=_largest_aligned_divisor(key.rank, tiles.block_r, TPU_LANES),
             block_n=_largest_aligned_divisor(key.d_out, tiles.block_n, TPU_LANES),
             split_k=1, num_warps=4, num_stages=3, sort=False, split_runs=1, expand_rows=False, xla_base=False,
-            atomic_split_k=False, one_launch=False,
         )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -240,8 +225,14 @@ class TileTable:
 
     @classmethod
     def from_json(cls, text: str) -> TileTable:
+        """The table of `to_json`'s text; ValueError naming the entry and the fields where an entry's key
+        or tiles has fields these classes lack (e.g. a table written by another version) or lacks
+        required ones."""
         raw = json.loads(text)
-        entries = {ShapeKey(**e["key"]): Tiles(**e["tiles"]) for e in raw["entries"]}
+        entries = {}
+        for index, entry in enumerate(raw["entries"]):
+            key = _from_fields(ShapeKey, entry["key"], f"entry {index}'s key")
+            entries[key] = _from_fields(Tiles, entry["tiles"], f"entry {index}'s tiles")
         return cls(raw["device_kind"], raw["backend"], raw["jax_version"], entries)
 
     def save(self, path: pathlib.Path) -> None:
@@ -250,7 +241,10 @@ class TileTable:
 
     @classmethod
     def load(cls, path: pathlib.Path) -> TileTable:
-        return cls.from_json(path.read_text())
+        try:
+            return cls.from_json(path.read_text())
+        except ValueError as error:
+            raise ValueError(f"tile table {path}: {error}") from None
 
     def lookup(self, key: ShapeKey) -> Tiles:
         """Tiles of the nearest stored key of the same kind (delta or fused; log2 distance over the
@@ -263,6 +257,19 @@ class TileTable:
             return sum(abs(math.log2(getattr(stored, f)) - math.log2(getattr(key, f))) for f in KEY_FIELDS)
 
         return fit(self.entries[min(entries, key=distance)], key, self.backend)
+
+
+def _from_fields(cls, fields: dict, what: str):
+    """cls(**fields), or a ValueError saying which fields `what` has that cls lacks, or lacks that cls
+    requires."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(known))
+    missing = sorted(name for name, f in known.items() if name not in fields
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if unknown or missing:
+        problems = [f"unknown fields {unknown}"] * bool(unknown) + [f"missing fields {missing}"] * bool(missing)
+        raise ValueError(f"{what}: {' and '.join(problems)}; {cls.__name__} has {list(known)}")
+    return cls(**fields)
 
 
 _loaded: dict[pathlib.Path, TileTable | None] = {}

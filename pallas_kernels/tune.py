@@ -48,7 +48,7 @@ GRID = [Workload(tokens, 4096, 4096, rank, adapters, **kw) for tokens, rank, ada
 # The first two share a key (pool of 8), and so do the last two.
 QUICK_GRID = [Workload(tokens, 128, 128, 16, adapters, pool=8, requests=requests)
               for tokens, adapters, requests in [(16, 2, None), (16, 8, None), (64, 2, None), (64, 2, 4)]]
-SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink", "atomic_split_k", "one_launch"),
+SWITCHES = {"pallas_gpu": ("sort", "expand_rows", "xla_base", "fuse_shrink"),
             "pallas_tpu": ("fuse_shrink",)}
 FINALISTS = 3  # a key's fastest tiles in its climb, timed again in turn before one is written
 MAX_RELATIVE_ERROR = 2e-2  # of a candidate's output against the reference backend's (bf16 workloads)

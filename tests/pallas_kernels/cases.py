@@ -11,23 +11,16 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 # Small tiles so that tiny shapes still span several token, d_in, rank and d_out tiles.
 GPU_TILES = Tiles(block_t=16, block_k=64, block_r=64, block_n=128, split_k=2, num_warps=4, num_stages=2)
 # Every GPU kernel variant: natural or slot-sorted token tiles, a tile's runs in one or several
-# programs (split-K with an empty split; its partials stored apart or added up by atomics), expand per
-# run or per row (also as the Pallas GEMM's epilogue), the base GEMM in Pallas or XLA, the delta as
-# two kernels or as one (fuse_shrink: also lora_projection's delta after XLA's base GEMM), or the two
-# kernels' programs in one launch (one_launch; in lora_projection the shrink's and the Pallas GEMM's,
-# waiting for all shrink programs when sorted, for their token tile's otherwise).
+# programs (split-K with an empty split), expand per run or per row (also as the Pallas GEMM's
+# epilogue), the base GEMM in Pallas or XLA, the delta as two kernels or as one (fuse_shrink: also
+# lora_projection's delta after XLA's base GEMM).
 GPU_VARIANTS = {
     "natural": GPU_TILES,
     # split_runs 16 covers every run a tile holds (one run per program); 3 does not (a walk of runs).
     "sorted-split-runs": dataclasses.replace(GPU_TILES, sort=True, split_runs=16, split_k=3),
-    "sorted-atomic-split-k": dataclasses.replace(GPU_TILES, sort=True, split_runs=3, split_k=3,
-                                                 atomic_split_k=True),
+    "sorted-run-walk": dataclasses.replace(GPU_TILES, sort=True, split_runs=3, split_k=3),
     "expand-rows": dataclasses.replace(GPU_TILES, expand_rows=True),
     "xla-base": dataclasses.replace(GPU_TILES, expand_rows=True, xla_base=True),
-    "one-launch-sorted-split-runs": dataclasses.replace(GPU_TILES, one_launch=True, sort=True, split_runs=3,
-                                                        split_k=3),
-    "one-launch-atomic-split-k-expand-rows": dataclasses.replace(GPU_TILES, one_launch=True, atomic_split_k=True,
-                                                                 expand_rows=True),
     "one-kernel": dataclasses.replace(GPU_TILES, fuse_shrink=True, xla_base=True),
     "one-kernel-sorted-split-runs": dataclasses.replace(GPU_TILES, fuse_shrink=True, xla_base=True, sort=True,
                                                         split_runs=3),

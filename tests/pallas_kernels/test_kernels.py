@@ -114,21 +114,3 @@ def test_tpu_projections_of_one_batch_share_the_grouping_sort():
     for delta in projections(*lora):
         assert relative_error(delta, expected) <= TOLERANCE["float32"]
 
-
-@pytest.mark.parametrize("gemm", [False, True], ids=["expand", "gemm"])
-@pytest.mark.parametrize("name", [n for n, t in GPU_VARIANTS.items() if t.one_launch])
-def test_one_launch_counts_every_program_where_its_waiters_look(name, gemm):
-    """Every program draws one ticket, and the shrink programs' counts end where the later programs
-    wait: split_runs * split_k per token tile, or all of them in the first counter when the Pallas
-    GEMM (natural-order tiles) follows a sorted shrink. Interpret mode runs the shrink programs first,
-    so only these counts show that a GPU's waits would end."""
-    tiles = GPU_VARIANTS[name]
-    data = CASES[0].arrays("float32")  # T = 37: three token tiles of 16, the last one partial
-    order = gpu._order(data["slot_ids"], data["a_pool"].shape[0], tiles, True)
-    extra = [data["w"]] if gemm else [data["base_out"]]
-    _, tickets = gpu._one_launch(order, *(data[k] for k in LORA_ARGS), extra, tiles, True, gemm=gemm)
-    token_tiles, d_out_tiles = 3, 3  # d_out = 384 in tiles of 128
-    shrink = tiles.split_runs * tiles.split_k
-    later = d_out_tiles * (1 if gemm or tiles.expand_rows else tiles.split_runs)
-    counts = [3 * shrink, 0, 0] if gemm and tiles.sort else [shrink] * 3
-    np.testing.assert_array_equal(tickets, [token_tiles * (shrink + later), *counts])

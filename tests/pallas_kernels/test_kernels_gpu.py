@@ -66,7 +66,7 @@ def test_projections_of_one_batch_sort_once():
     data = CASES[0].arrays("float32")
     lora = [data[k] for k in LORA_ARGS]
     first = GPU_VARIANTS["sorted-split-runs"]
-    second = dataclasses.replace(GPU_VARIANTS["sorted-atomic-split-k"], num_stages=first.num_stages + 1)
+    second = dataclasses.replace(GPU_VARIANTS["sorted-run-walk"], num_stages=first.num_stages + 1)
     projections = jax.jit(lambda *args: [pk.batched_lora(*args, backend="pallas_gpu", tiles=tiles)
                                          for tiles in (first, second)])
     compiled = projections.lower(*lora).compile().as_text()

@@ -2,9 +2,12 @@
 and the fused projection's entries apart, tune keys entries as calls look them up, and the
 size-dependent switches are picked by token bucket and tuned both ways."""
 import dataclasses
+import json
 import logging
 import math
+import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,13 +33,11 @@ def assert_valid(tiles: Tiles, key: ShapeKey, backend: str) -> None:
         assert tiles.num_warps & (tiles.num_warps - 1) == 0 and tiles.num_stages >= 1
         assert 1 <= tiles.split_runs <= tiles.block_t
         assert key.fused or not tiles.xla_base
-        assert not tiles.atomic_split_k or (tiles.split_k > 1 and not tiles.fuse_shrink)
-        assert not (tiles.one_launch and tiles.fuse_shrink)
         if tiles.fuse_shrink:  # the one-kernel delta: one run per program, no split-K, not in the Pallas GEMM
             assert tiles.split_runs == min(tiles.block_t, key.adapters + 1) and tiles.split_k == 1
             assert not tiles.expand_rows and (tiles.xla_base or not key.fused)
     else:
-        assert not (tiles.sort or tiles.expand_rows or tiles.xla_base or tiles.atomic_split_k or tiles.one_launch)
+        assert not (tiles.sort or tiles.expand_rows or tiles.xla_base)
         assert tiles.block_t % 8 == 0
         for block, dim in ((tiles.block_k, key.d_in), (tiles.block_r, key.rank), (tiles.block_n, key.d_out)):
             assert dim % block == 0 and (block % 128 == 0 or block == dim)
@@ -52,6 +53,35 @@ def test_table_round_trips_through_json(tmp_path):
     assert TileTable.load(path) == table
 
 
+
+def test_table_with_fields_tiles_lack_is_refused_by_name(tmp_path):
+    """An entry with a field Tiles or ShapeKey does not have (a table of another version), or without a
+    required one, fails to load with the table's path, the entry and the fields, not a bare TypeError."""
+    table = TileTable("dev", "pallas_gpu", "0.11.2", {ShapeKey.of(32, 4096, 4096, 16, 4): Tiles(16, 128, 16, 128)})
+    raw = json.loads(table.to_json())
+    raw["entries"][0]["tiles"]["retired_switch"] = False
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=rf"tile table {re.escape(str(path))}: entry 0's tiles: "
+                                         r"unknown fields \['retired_switch'\]; Tiles has \['block_t'"):
+        TileTable.load(path)
+    del raw["entries"][0]["tiles"]["retired_switch"], raw["entries"][0]["key"]["d_in"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"entry 0's key: missing fields \['d_in'\]; ShapeKey has"):
+        TileTable.load(path)
+
+
+def test_committed_tables_load():
+    """Every table under configs/tiles loads, and each entry is one its backend can lower."""
+    paths = sorted(tiles_module.TABLE_DIR.glob("*.json"))
+    assert paths
+    for path in paths:
+        table = TileTable.load(path)
+        assert table.entries and table.backend in tiles_module.BACKENDS
+        for key, tiles in table.entries.items():
+            assert_valid(fit(tiles, key, table.backend), key, table.backend)
+
+
 @settings(max_examples=60, deadline=None)
 @given(key=shape_keys, backend=st.sampled_from(["pallas_gpu", "pallas_tpu"]))
 def test_heuristic_and_unseen_lookups_are_valid(key, backend):
@@ -63,7 +93,7 @@ def test_heuristic_and_unseen_lookups_are_valid(key, backend):
     assert_valid(table.lookup(key), key, backend)
     for fuse_shrink in (False, True):  # a stored entry with every switch on is fitted to what applies
         every_switch = Tiles(32, 128, 16, 128, 4, 4, 3, fuse_shrink=fuse_shrink, sort=True, split_runs=8,
-                             expand_rows=True, xla_base=True, atomic_split_k=True, one_launch=True)
+                             expand_rows=True, xla_base=True)
         assert_valid(fit(every_switch, key, backend), key, backend)
 
 
