@@ -168,12 +168,12 @@ def _low_rank(stack, slot) -> jax.Array:
     return stack["scale"][slot] * jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
+@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=4)
 def _merge(kernels, linear, serial, slot, qkv_of):
     """Fold slot `slot` into the kernels; a Serial LoRA slot also writes its q/k/v mixture corrections.
 
-    `qkv_of` maps each serial site to the Linear site paths of its q, k, v (static structure)."""
-    for site, names in qkv_of.items():
+    `qkv_of`: (serial site, its q, k, v Linear site paths) pairs, static."""
+    for site, names in qkv_of:
         a, b = serial[site]["a"][slot], serial[site]["b"][slot].astype(jnp.float32)
         for name in names:
             bw = jnp.dot(b, kernels[name].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
@@ -443,7 +443,7 @@ class AdapterPool:
         sites = self._merge_sites(adapter)
         self._keep_originals(sites)
         linear, serial = self._stacks()
-        qkv_of = {s: self._qkv_of[s] for s in adapter.serial}
+        qkv_of = tuple((s, self._qkv_of[s]) for s in sorted(adapter.serial))
         merged, linear = _merge({p: self._kernel(p) for p in sites}, linear, {s: serial[s] for s in adapter.serial},
                                 jnp.int32(slot), qkv_of)
         self._set_kernels(merged)
