@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from train.heads import ClassifyHeads
+from valora_jax.adapters.heads import ClassifyHeads
 from valora_jax.adapters import AdapterParam, AdapterState, update_sparsity
 
 

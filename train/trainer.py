@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from train.encoding import Encoder
-from train.heads import WEIGHTS_FILE, ClassifyHeads
+from valora_jax.adapters.heads import WEIGHTS_FILE, ClassifyHeads
 from train.pipeline import make_iterator, train_dataset
 from train.report import MetricsLog
 from train.step import TRAINED, Learner, train_step

@@ -18,7 +18,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from valora_jax.adapters import AdapterConfig, attach, save_adapter
+from valora_jax.adapters import AdapterConfig, attach, load_adapter, save_adapter
+from valora_jax.adapters.heads import MASKED_LOGIT, ClassifyHeads
 from valora_jax.adapters.pool import AdapterPool
 from valora_jax.generation import Generator
 from valora_jax.loading import load_pretrained
@@ -302,3 +303,66 @@ def test_mixed_batch_on_a_mesh_equals_one_device(golden_dir, mixed):
             with jax.set_mesh(mesh):
                 outputs.append(forward(model, ids[rows], pixels[rows], mask[rows], batch))
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-5 * np.abs(outputs[0]).max())
+
+
+def test_switching_100_times_in_bfloat16_keeps_the_base_weights(golden_dir):
+    """merge / unmerge cycles in bf16: bit-identical at every restore, within a fixed bound in between."""
+    model, _ = load_pretrained(golden_dir / "llava_mha", dtype=jnp.bfloat16)
+    every = 4
+    pool = AdapterPool(model, slots=4, max_rank=8, restore_every=every)
+    for name in PEFT_ADAPTERS:
+        pool.load(name, golden_dir / name)
+    kernels = lambda: {p: np.asarray(m.kernel[...].astype(jnp.float32)) for p, m in nnx.iter_modules(model)
+                       if hasattr(m, "kernel") and p[0] != "lm_head"}
+    original, largest, drifted = kernels(), 0.0, 0
+    for cycle in range(1, 101):
+        pool.merge(PEFT_ADAPTERS[cycle % 3])
+        largest = max(largest, max(np.abs(w).max() for w in kernels().values()))
+        pool.unmerge()
+        drift = max(np.abs(w - original[p]).max() for p, w in kernels().items())
+        if cycle % every == 0:
+            assert drift == 0.0, cycle
+        else:
+            drifted += drift > 0
+            # each unmerge since the last restore can leave at most one bf16 rounding (2^-8 relative) behind
+            assert drift <= (cycle % every) * 2.0**-8 * largest, (cycle, drift)
+    assert drifted, "bf16 rounding must show between restores for this test to mean anything"
+    pool.merge("peft_lora")
+    pool.unmerge()
+    pool.restore()
+    assert all(np.array_equal(w, original[p]) for p, w in kernels().items())
+
+
+def test_classify_heads_load_with_their_adapter_and_answer_in_the_same_pass(saved_kinds, tmp_path):
+    root, inputs, _ = saved_kinds
+    label_sets = {"shape": ("circle", "square", "star"), "count": ("1", "2", "3", "4", "5")}
+    heads = ClassifyHeads(32, label_sets, rngs=nnx.Rngs(4))
+    heads.kernel.set_value(jax.random.normal(jax.random.key(5), heads.kernel.shape))
+    heads.bias.set_value(jax.random.normal(jax.random.key(6), heads.bias.shape))
+    directory = tmp_path / "lora_with_heads"
+    shutil.copytree(root / "lora", directory)
+    heads.save(directory)
+    attached = small_model(seed=3)
+    load_adapter(attached, directory)
+    hidden, _ = attached.hidden_states(*inputs)
+    expected = np.asarray(heads(hidden[:, -1], jnp.asarray([0, 1, 0, 1])))
+
+    model = small_model(seed=3)
+    pool = AdapterPool(model, slots=2, max_rank=64, head_tasks=2, head_labels=8)
+    pool.load("lora", directory)
+    pool.load("serial", root / "serial")
+    assert pool.labels("lora", "count") == label_sets["count"]
+    batch = pool.select(["lora", "lora", "serial", "lora"], tasks=["shape", "count", None, "count"])
+    hidden, _ = model.hidden_states(*inputs, adapters=batch)
+    got = np.asarray(model.classify_slots(hidden[:, -1], batch.heads))
+    for row, task in ((0, "shape"), (1, "count"), (3, "count")):
+        n = len(label_sets[task])
+        np.testing.assert_allclose(got[row, :n], expected[row, :n], rtol=1e-5, atol=1e-5)
+        assert (got[row, n:] == MASKED_LOGIT).all()
+    assert (got[2] == MASKED_LOGIT).all()
+    with pytest.raises(KeyError, match="'serial' has no classify head for task 'shape'"):
+        pool.select(["serial"], tasks=["shape"])
+    with pytest.raises(ValueError, match="base-model row"):
+        pool.select([None], tasks=["shape"])
+    with pytest.raises(ValueError, match=r"'lora' has 2 classify heads; the pool holds 1"):
+        AdapterPool(small_model(seed=3), slots=2, max_rank=64, head_tasks=1).load("lora", directory)

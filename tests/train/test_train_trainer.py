@@ -17,7 +17,7 @@ from flax import nnx
 import train.trainer as trainer
 from tests.train.conftest import marked_image
 from train.encoding import Encoder
-from train.heads import ClassifyHeads
+from valora_jax.adapters.heads import ClassifyHeads
 from train.report import MetricsLog
 from train.run import load_base
 from train.tasks import Example, Task

@@ -30,6 +30,10 @@ Modes:
   row computes -x s_m A_m B_m (a second slot id per row, `AdapterBatch.correction`, read with the negated
   scale), so no row waits for a switch; m's own rows read nothing. For a merged Serial LoRA the correction
   sits at q/k/v: merging writes (A_m, B_m W_{q,k,v}) into m's slot there, and x' W' - s x' A_m B_m W = x' W.
+Classify heads (`valora_jax.adapters.heads`, saved beside an adapter by `ClassifyHeads.save`) load with
+their adapter and sit in its slot too: `select(names, tasks=...)` gives a row its task's head, and
+`model.classify_slots(last_hidden, batch.heads)` answers it from the same forward pass.
+
 - `unmerge()` subtracts exactly the float32 delta `merge` added. In bfloat16 each merge / unmerge can still
   move a weight by one unit of its last place where W + dW rounds across a binade, so the pool keeps a host
   copy of the original weights of every site it has merged into and restores them exactly every
@@ -54,6 +58,7 @@ from flax import nnx
 from pallas_kernels import batched_lora, lora_projection, resolve_backend
 from valora_jax.adapters.attach import SERIAL_HOOK, adapter_sites, module_path
 from valora_jax.adapters.config import AdapterConfig
+from valora_jax.adapters.heads import LABELS_FILE, MASKED_LOGIT, load_heads
 from valora_jax.adapters.serial_lora import QKV
 from valora_jax.adapters.serialization import read_adapter
 from valora_jax.adapters.snella import sparse_delta_weight
@@ -61,13 +66,14 @@ from valora_jax.layers import Linear
 
 POOL_HOOK = "slots"
 SERIAL_POOL_HOOK = "qkv_input_slots"
+HEADS_HOOK = "classify_slots"
 
 
 class PoolSlots(nnx.Variable):
     """Device slots of the adapter pool (written by `AdapterPool`, never trained)."""
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("slots", "correction"),
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("slots", "correction", "heads"),
                    meta_fields=("backend", "interpret"))
 @dataclasses.dataclass(frozen=True)
 class AdapterBatch:
@@ -75,18 +81,21 @@ class AdapterBatch:
 
     `slots` (rows,) int32: the row's adapter slot, -1 for none (the base model, or the merged adapter's
     own rows). `correction` (rows,) int32 or None: in mixture mode the merged adapter's slot, whose delta
-    the row subtracts (-1 for none). `backend` / `interpret` are static: the `pallas_kernels` backend.
+    the row subtracts (-1 for none). `heads` (rows,) int32 or None: the row's classify head (-1 for none).
+    `backend` / `interpret` are static: the `pallas_kernels` backend.
     """
 
     slots: jax.Array
     correction: jax.Array | None
+    heads: jax.Array | None = None
     backend: str = "reference"
     interpret: bool = False
 
     def for_rows(self, rows: jax.Array) -> AdapterBatch:
         """The selection for items that belong to `rows` (e.g. each image's row)."""
         pick = lambda a: None if a is None else a[rows]
-        return dataclasses.replace(self, slots=pick(self.slots), correction=pick(self.correction))
+        return dataclasses.replace(self, slots=pick(self.slots), correction=pick(self.correction),
+                                   heads=pick(self.heads))
 
     def token_ids(self, lead_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
         """Per-token slot ids for an activation whose leading axes are (rows, ...)."""
@@ -129,15 +138,37 @@ class SlotStack(nnx.Module):
         return self._call(batched_lora, x, plain, base_out=flat)
 
 
+class SlotHeads(nnx.Module):
+    """The classify heads of the adapters in slots: kernel (N, tasks, d, labels), bias, label count."""
+
+    def __init__(self, hidden: int, *, slots: int, tasks: int, labels: int):
+        self.kernel = PoolSlots(jnp.zeros((slots, tasks, hidden, labels), jnp.float32))
+        self.bias = PoolSlots(jnp.zeros((slots, tasks, labels), jnp.float32))
+        self.count = PoolSlots(jnp.zeros((slots, tasks), jnp.int32))
+
+    def __call__(self, last_hidden: jax.Array, heads: jax.Array) -> jax.Array:
+        """(rows, labels) float32 logits of each row's head (`AdapterBatch.heads`); MASKED_LOGIT past its
+        labels and on rows without a head."""
+        kernel = self.kernel[...].reshape(-1, *self.kernel.shape[2:])
+        index = jnp.clip(heads, 0, kernel.shape[0] - 1)
+        scores = jnp.einsum("rd,rdl->rl", last_hidden.astype(jnp.float32), kernel[index],
+                            precision=jax.lax.Precision.HIGHEST)
+        scores = scores + self.bias[...].reshape(-1, kernel.shape[2])[index]
+        valid = (jnp.arange(kernel.shape[2])[None, :] < self.count[...].reshape(-1)[index][:, None])
+        return jnp.where(valid & (heads >= 0)[:, None], scores, MASKED_LOGIT)
+
+
 @dataclasses.dataclass
 class HostAdapter:
-    """A loaded adapter in host memory: per-site (a (d_in, r), b (r, d_out), scale) in float32."""
+    """A loaded adapter in host memory: per-site (a (d_in, r), b (r, d_out), scale) in float32, and its
+    classify heads (task -> (labels, kernel (d, labels), bias))."""
 
     name: str
     path: str
     config: AdapterConfig
     linear: dict[str, tuple[np.ndarray, np.ndarray, float]]
     serial: dict[str, tuple[np.ndarray, np.ndarray, float]]
+    heads: dict[str, tuple[tuple[str, ...], np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
     pinned: bool = False
 
 
@@ -201,12 +232,13 @@ class AdapterPool:
     a name or ending in "." + name; a string is a regex over the whole path); by default every `Linear`
     except the output head. `serial=False` leaves out the attention-block sites of Serial LoRA. Memory:
     each projection site holds slots * R * (d_in + d_out) values of the model's dtype, each serial site
-    slots * R * 2d.
+    slots * R * 2d; the heads slots * head_tasks * (d + 2) * head_labels float32 values. The first merge
+    into a site copies its original weight to host memory (see `restore`).
     """
 
     def __init__(self, model: nnx.Module, slots: int = 16, max_rank: int = 64, *,
                  targets: Sequence[str] | str | None = None, serial: bool = True, backend: str = "auto",
-                 interpret: bool = False, restore_every: int = 32):
+                 interpret: bool = False, restore_every: int = 32, head_tasks: int = 4, head_labels: int = 32):
         if slots < 1 or max_rank < 1:
             raise ValueError(f"slots and max_rank must be >= 1, got {slots} and {max_rank}")
         if any(True for _ in adapter_sites(model)):
@@ -230,6 +262,8 @@ class AdapterPool:
             d = block.q_proj.in_features
             setattr(block, SERIAL_POOL_HOOK, SlotStack(d, d, slots=slots, max_rank=max_rank,
                                                        dtype=block.q_proj.kernel.dtype, axes=("embed", "embed")))
+        self.hidden_size = model.config.text.hidden_size
+        setattr(model, HEADS_HOOK, SlotHeads(self.hidden_size, slots=slots, tasks=head_tasks, labels=head_labels))
         # q/k/v Linear sites of each serial site, for the corrections of a merged Serial LoRA.
         self._qkv_of = {path: tuple(f"{path}.{n}" for n in QKV) for path in self._serial
                         if all(f"{path}.{n}" in self._linear for n in QKV)}
@@ -286,6 +320,8 @@ class AdapterPool:
                 raise ValueError(f"adapter {name!r} needs {what} {a.shape[1]} at {site}, above the pool's "
                                  f"max_rank {self.max_rank}")
             table[site] = (a, b, scale)
+        if (pathlib.Path(path) / LABELS_FILE).is_file():
+            adapter.heads = self._read_heads(name, path)
         if pin and not self._room():
             raise RuntimeError(f"no device slot to pin adapter {name!r}: all {self.num_slots} slots hold pinned, "
                                f"merged or running adapters")
@@ -293,6 +329,38 @@ class AdapterPool:
         if pin:
             self._place(name)
         return config
+
+    def _read_heads(self, name: str, path) -> dict:
+        heads = self._heads_module()
+        _, tasks, hidden, labels = heads.kernel.shape
+        try:
+            saved = load_heads(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"adapter {name!r}: unreadable classify heads in {path} ({err})") from err
+        if len(saved.tasks) > tasks:
+            raise ValueError(f"adapter {name!r} has {len(saved.tasks)} classify heads; the pool holds {tasks} per "
+                             f"adapter (head_tasks)")
+        if saved.kernel.shape[0] != hidden:
+            raise ValueError(f"adapter {name!r}: its classify heads read hidden size {saved.kernel.shape[0]}, the "
+                             f"model's is {hidden}")
+        out = {}
+        kernel, bias = np.asarray(saved.kernel[...]), np.asarray(saved.bias[...])
+        for (task, names), offset, count in zip(saved.label_sets, saved.offsets, saved.counts):
+            if count > labels:
+                raise ValueError(f"adapter {name!r}: task {task!r} has {count} labels; the pool's heads hold "
+                                 f"{labels} (head_labels)")
+            out[task] = (names, kernel[:, offset:offset + count], bias[offset:offset + count])
+        return out
+
+    def _heads_module(self) -> SlotHeads:
+        return getattr(self.model, HEADS_HOOK)
+
+    def labels(self, name: str, task: str) -> tuple[str, ...]:
+        """The label names of `name`'s classify head for `task` (column order of its logits)."""
+        heads = self._adapter(name).heads
+        if task not in heads:
+            raise KeyError(f"adapter {name!r} has no classify head for task {task!r}; it has {sorted(heads)}")
+        return heads[task][0]
 
     def unload(self, name: str) -> None:
         """Forget `name` and free its slot; refused while it is merged or held by running requests."""
@@ -322,11 +390,20 @@ class AdapterPool:
                 self._held[name] -= 1
 
     # -- device slots --------------------------------------------------------------------------------
-    def select(self, names: Sequence[str | None]) -> AdapterBatch:
-        """The per-row selection for a batch whose row i uses adapter `names[i]` (None: the base model)."""
+    def select(self, names: Sequence[str | None], tasks: Sequence[str | None] | None = None) -> AdapterBatch:
+        """The per-row selection for a batch whose row i uses adapter `names[i]` (None: the base model) and,
+        with `tasks`, answers classify task `tasks[i]` from that adapter's head (None: no head)."""
         distinct = list(dict.fromkeys(n for n in names if n is not None))
         for name in distinct:
             self._adapter(name)
+        if tasks is not None:
+            if len(tasks) != len(names):
+                raise ValueError(f"{len(tasks)} tasks for {len(names)} rows")
+            for name, task in zip(names, tasks):
+                if task is not None:
+                    if name is None:
+                        raise ValueError(f"classify task {task!r} on a base-model row: heads belong to adapters")
+                    self.labels(name, task)
         merged = self._merged
         if merged is not None and any(n != merged for n in names) and not self._correctable(merged):
             raise ValueError(f"adapter {merged!r} is merged and has no mixture correction here; only its own "
@@ -336,11 +413,16 @@ class AdapterPool:
             self._place(name, keep=needed)
         slot = lambda n: -1 if n is None or n == merged else self._slot_of[n]
         slots = np.asarray([slot(n) for n in names], np.int32)
-        correction = None
+        correction = heads = None
         if merged is not None:
             m = self._slot_of[merged]
             correction = jnp.asarray([-1 if n == merged else m for n in names], jnp.int32)
-        return AdapterBatch(jnp.asarray(slots), correction, self.backend, self.interpret)
+        if tasks is not None:
+            per_slot = self._heads_module().kernel.shape[1]
+            head = lambda n, t: (-1 if t is None else
+                                 self._slot_of[n] * per_slot + list(self._host[n].heads).index(t))
+            heads = jnp.asarray([head(n, t) for n, t in zip(names, tasks)], jnp.int32)
+        return AdapterBatch(jnp.asarray(slots), correction, heads, self.backend, self.interpret)
 
     def _adapter(self, name: str) -> HostAdapter:
         if name not in self._host:
@@ -388,12 +470,18 @@ class AdapterPool:
                                     for p, m in sites.items()}
         return pick(self._linear, POOL_HOOK), pick(self._serial, SERIAL_POOL_HOOK)
 
-    def _set_stacks(self, linear, serial=None) -> None:
+    def _heads_state(self):
+        heads = self._heads_module()
+        return {k: getattr(heads, k)[...] for k in ("kernel", "bias", "count")}
+
+    def _set_stacks(self, linear, serial=None, heads=None) -> None:
         for sites, hook, values in ((self._linear, POOL_HOOK, linear), (self._serial, SERIAL_POOL_HOOK, serial)):
             for path, arrays in (values or {}).items():
                 stack = getattr(sites[path], hook)
                 for key, value in arrays.items():
                     getattr(stack, key).set_value(value)
+        for key, value in (heads or {}).items():
+            getattr(self._heads_module(), key).set_value(value)
 
     def _write(self, slot: int, adapter: HostAdapter) -> None:
         """One jitted, donated update of every site's slot `slot` (zeros where the adapter has no delta)."""
@@ -412,10 +500,19 @@ class AdapterPool:
                 out[path] = {"a": a, "b": b, "rank": np.int32(rank), "scale": np.float32(scale)}
             return out
         linear, serial = self._stacks()
-        new = _write_slot((linear, serial), jnp.int32(slot),
+        new = _write_slot((linear, serial, self._heads_state()), jnp.int32(slot),
                           (values(self._linear, adapter.linear, POOL_HOOK),
-                           values(self._serial, adapter.serial, SERIAL_POOL_HOOK)))
+                           values(self._serial, adapter.serial, SERIAL_POOL_HOOK), self._head_values(adapter)))
         self._set_stacks(*new)
+
+    def _head_values(self, adapter: HostAdapter) -> dict[str, np.ndarray]:
+        _, tasks, hidden, labels = self._heads_module().kernel.shape
+        kernel = np.zeros((tasks, hidden, labels), np.float32)
+        bias = np.zeros((tasks, labels), np.float32)
+        count = np.zeros((tasks,), np.int32)
+        for t, (names, k, b) in enumerate(adapter.heads.values()):
+            kernel[t, :, :len(names)], bias[t, :len(names)], count[t] = k, b, len(names)
+        return {"kernel": kernel, "bias": bias, "count": count}
 
     # -- modes ---------------------------------------------------------------------------------------
     def _correctable(self, name: str) -> bool:

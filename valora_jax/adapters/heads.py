@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from valora_jax.adapters import AdapterParam
+from valora_jax.adapters.variables import AdapterParam
 
 WEIGHTS_FILE = "head.safetensors"
 LABELS_FILE = "head.json"
