@@ -64,6 +64,7 @@ class SimEngine:
         self.finished: list[SimRequest] = []
         self.switches = 0
         self.steps = 0
+        self.batch_adapters = 0  # distinct adapters (base included) over the rows of each step, summed
         self.mode_seconds: dict[str, float] = {}
 
     def accepts(self, request: Request) -> bool:
@@ -111,6 +112,7 @@ class SimEngine:
             else:
                 self.running.append(r)
         self.steps += 1
+        self.batch_adapters += len({r.adapter for r in (*decoding, *plan.admit)})
         self.mode_seconds[plan.mode] = self.mode_seconds.get(plan.mode, 0.0) + (t - now)
         return t
 
@@ -122,10 +124,14 @@ class SimResult:
     switches: int
     steps: int
     mode_seconds: dict[str, float]
+    batch_adapters: int
 
     def summary(self, slo_ttft: float = 6.0) -> dict:
+        """`serve.summary.summarize`, plus rejected requests, steps and the mean number of distinct
+        adapters (the base model counted as one) among the rows of a step."""
         out = summarize(self.results, slo_ttft=slo_ttft, switches=self.switches)
-        out.update(rejected=len(self.rejected), steps=self.steps)
+        out.update(rejected=len(self.rejected), steps=self.steps,
+                   adapters_per_step=self.batch_adapters / self.steps if self.steps else 0.0)
         return out
 
 
@@ -181,4 +187,5 @@ def simulate(requests: Sequence[RequestSpec], *, policy: str | Callable[[], Poli
     for e in engines:
         for mode, seconds in e.mode_seconds.items():
             modes[mode] = modes.get(mode, 0.0) + seconds
-    return SimResult(finished, rejected, sum(e.switches for e in engines), sum(e.steps for e in engines), modes)
+    return SimResult(finished, rejected, sum(e.switches for e in engines), sum(e.steps for e in engines), modes,
+                     sum(e.batch_adapters for e in engines))
