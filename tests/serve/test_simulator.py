@@ -2,6 +2,7 @@
 with a trivially computable profile, invariants on random workloads under every policy, replicas
 behind each router, rejection and stall detection."""
 
+import json
 import math
 
 import pytest
@@ -150,3 +151,22 @@ def test_summarize_needs_results_and_handles_single_token_outputs():
         summarize([])
     s = summarize([RequestResult("a", None, 0.0, 1.0, 1.0, 5, 1)])
     assert math.isnan(s["tpot_mean_s"]) and s["ttft_p99_s"] == 1.0
+
+
+def test_cli_prints_a_row_per_policy_and_writes_json(tmp_path, capsys):
+    from serve.simulate import main
+
+    out = tmp_path / "sim.json"
+    saved = tmp_path / "w.jsonl"
+    assert main(["--rate", "5", "--duration", "20", "--adapters", "4", "--policy", "valora", "--policy", "dlora",
+                 "--max-batch", "8", "--starve-after", "0.5", "--save-workload", str(saved), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "profile `cpu-tiny`" in table
+    assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == ["valora", "dlora"]
+    data = json.loads(out.read_text())
+    assert [r["policy"] for r in data["results"]] == ["valora", "dlora"]
+    # The saved workload replays to the same summaries.
+    assert main(["--workload", str(saved), "--policy", "valora", "--max-batch", "8", "--starve-after", "0.5",
+                 "--json", str(out)]) == 0
+    again = json.loads(out.read_text())["results"][0]
+    assert again["avg_token_latency_s"] == data["results"][0]["avg_token_latency_s"]
