@@ -10,6 +10,8 @@ request's timestamps.
   finish).
 - SLO attainment: the share of requests whose first token came within `slo_ttft` seconds (S-LoRA's
   definition; 6 s there).
+- Switches: weight changes, each merge or unmerge counted once (a switch from one merged adapter to
+  another is two); passed in by the caller, which counts them.
 Percentiles are numpy's linear interpolation.
 """
 
