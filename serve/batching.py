@@ -49,7 +49,9 @@ class Request:
     `generated` is the only field that changes (one per step while the request runs). Identity,
     not value, tells two requests apart (`eq=False`), so equal-looking requests stay distinct.
 
-    `prompt_tokens` counts every position the prefill computes, image tokens included.
+    `prompt_tokens` counts every position the prefill computes, image tokens included; `images` is
+    the number of images the prefill encodes (the cost model charges them); `generated` counts output
+    tokens so far (the first comes from the prefill).
     """
     id: str
     adapter: str | None
