@@ -1,0 +1,159 @@
+"""Cost model of one engine step, read from a profile file (JSON): the time of a prefill call, a
+decode call and a weight switch, as the serving simulator charges them.
+
+Prefill and decode are each a linear function of the step's features (`StepFeatures`):
+
+    seconds = fixed_s + per_token_s * tokens + per_lora_token_s * lora_tokens
+              + per_adapter_s * adapters + per_context_token_s * context_tokens + per_image_s * images
+
+- tokens: positions computed (prefill: the admitted prompts, image tokens included; decode: one
+  per running row).
+- lora_tokens: positions times the LoRA terms each computes in the step's mode
+  (`serve.batching.lora_terms`: 1 unmerged, 0 for the merged adapter's rows, 2 for other adapters'
+  rows in mixture, 1 for base rows in mixture). This is where the mode enters.
+- adapters: distinct adapters whose LoRA terms the step computes (in mixture, the merged adapter
+  counts when any row carries its correction): the grouped kernels' per-adapter cost.
+- context_tokens: KV positions the decode step attends over (prompt plus tokens generated so far,
+  summed over rows); 0 for prefill.
+- images: images encoded (prefill only).
+
+Switches: `merge_s` and `unmerge_s` per weight change (`serve.batching.switch_ops`).
+
+A profile file:
+
+    {"name": "...", "device": "...", "note": "...", "image_tokens": 576,
+     "prefill": {"fixed_s": ..., "per_token_s": ..., ...},   # missing coefficients are 0
+     "decode": {...},
+     "switch": {"merge_s": ..., "unmerge_s": ...}}
+
+`LinearCost.fit` fits the coefficients to measured (features, seconds) samples by least squares,
+which is how an engine's `--profile` run turns its timings into a profile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from serve.batching import Mode, Request, lora_terms
+
+PROFILES = pathlib.Path(__file__).resolve().parent.parent / "configs" / "profiles"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFeatures:
+    tokens: int = 0
+    lora_tokens: int = 0
+    adapters: int = 0
+    context_tokens: int = 0
+    images: int = 0
+
+
+FEATURES = tuple(f.name for f in dataclasses.fields(StepFeatures))
+
+
+def step_features(rows: Sequence[Request], mode: Mode, merged: str | None, *, prefill: bool) -> StepFeatures:
+    """The features of a prefill of `rows` (their whole prompts) or a decode step of `rows` (one
+    token each) in `mode` with `merged` folded in."""
+    lora_tokens = context = images = tokens = 0
+    adapters = set()
+    corrected = False
+    for r in rows:
+        n = r.prompt_tokens if prefill else 1
+        terms = lora_terms(mode, merged, r.adapter)
+        tokens += n
+        lora_tokens += n * terms
+        if terms:
+            if r.adapter is not None:
+                adapters.add(r.adapter)
+            corrected |= mode == "mixture"
+        if prefill:
+            images += r.images
+        else:
+            context += r.prompt_tokens + r.generated
+    if corrected:
+        adapters.add(merged)
+    return StepFeatures(tokens, lora_tokens, len(adapters), context, images)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCost:
+    fixed_s: float = 0.0
+    per_token_s: float = 0.0
+    per_lora_token_s: float = 0.0
+    per_adapter_s: float = 0.0
+    per_context_token_s: float = 0.0
+    per_image_s: float = 0.0
+
+    def seconds(self, f: StepFeatures) -> float:
+        return (self.fixed_s + self.per_token_s * f.tokens + self.per_lora_token_s * f.lora_tokens
+                + self.per_adapter_s * f.adapters + self.per_context_token_s * f.context_tokens
+                + self.per_image_s * f.images)
+
+    @classmethod
+    def fit(cls, samples: Iterable[tuple[StepFeatures, float]]) -> LinearCost:
+        """Least-squares coefficients (clipped at 0) from measured (features, seconds) samples; a
+        feature that never varies from 0 in the samples gets coefficient 0."""
+        samples = list(samples)
+        if not samples:
+            raise ValueError("LinearCost.fit needs at least one (features, seconds) sample")
+        x = np.array([[1.0, *(getattr(f, name) for name in FEATURES)] for f, _ in samples])
+        y = np.array([s for _, s in samples], dtype=np.float64)
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        return cls(*(max(0.0, float(c)) for c in coef))
+
+
+@dataclasses.dataclass(frozen=True)
+class CostProfile:
+    name: str
+    prefill: LinearCost
+    decode: LinearCost
+    merge_s: float
+    unmerge_s: float
+    image_tokens: int = 0
+    device: str = ""
+    note: str = ""
+
+    def prefill_s(self, rows: Sequence[Request], mode: Mode, merged: str | None) -> float:
+        return self.prefill.seconds(step_features(rows, mode, merged, prefill=True)) if rows else 0.0
+
+    def decode_s(self, rows: Sequence[Request], mode: Mode, merged: str | None) -> float:
+        return self.decode.seconds(step_features(rows, mode, merged, prefill=False)) if rows else 0.0
+
+    def switch_s(self, ops: Sequence[tuple[str, str]]) -> float:
+        return sum(self.merge_s if op == "merge" else self.unmerge_s for op, _ in ops)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "device": self.device, "note": self.note, "image_tokens": self.image_tokens,
+                "prefill": dataclasses.asdict(self.prefill), "decode": dataclasses.asdict(self.decode),
+                "switch": {"merge_s": self.merge_s, "unmerge_s": self.unmerge_s}}
+
+    @classmethod
+    def from_json(cls, data: dict, *, source: str = "profile") -> CostProfile:
+        try:
+            return cls(name=data.get("name", source), device=data.get("device", ""), note=data.get("note", ""),
+                       image_tokens=int(data.get("image_tokens", 0)),
+                       prefill=LinearCost(**data["prefill"]), decode=LinearCost(**data["decode"]),
+                       merge_s=float(data["switch"]["merge_s"]), unmerge_s=float(data["switch"]["unmerge_s"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source}: not a cost profile ({type(e).__name__}: {e}); expected keys "
+                             f"prefill, decode, switch.merge_s, switch.unmerge_s; coefficients {FEATURES}") from e
+
+
+def load_profile(name_or_path: str | pathlib.Path) -> CostProfile:
+    """A profile by file path, or by name from configs/profiles (e.g. "cpu-tiny")."""
+    path = pathlib.Path(name_or_path)
+    if not path.exists():
+        path = PROFILES / f"{name_or_path}.json"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.json")))
+        raise FileNotFoundError(f"no cost profile {str(name_or_path)!r}: not a file and not one of {known}")
+    return CostProfile.from_json(json.loads(path.read_text()), source=str(path))
+
+
+def save_profile(profile: CostProfile, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(json.dumps(profile.to_json(), indent=2) + "\n")
