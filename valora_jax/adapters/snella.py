@@ -34,13 +34,12 @@ level `sparsity`) lives here as `AdapterState`; `valora_jax.adapters.allocator` 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from valora_jax.adapters.lora import input_dropout
+from valora_jax.adapters.lora import input_dropout, kaiming_uniform
 from valora_jax.adapters.variables import AdapterParam, AdapterState
 from valora_jax.layers import Linear
 
@@ -120,10 +119,10 @@ def _apply_delta(x, a, b, alpha, gamma, beta, level, *, coefficients):
 
 
 def factor_init(key: jax.Array, rows: int, rank: int, chunks: int, dtype) -> jax.Array:
-    """(rows, rank) uniform(+-1/sqrt(rows * rank / chunks)): torch's `kaiming_uniform_(a=sqrt(5))` on the
-    released code's (chunks, rows, rank / chunks) factor tensor, whose fan-in is rows * rank / chunks."""
-    bound = 1.0 / math.sqrt(rows * rank // chunks)
-    return jax.random.uniform(key, (rows, rank), dtype, -bound, bound)
+    """A (rows, rank) factor drawn as the released code draws its (chunks, rows, rank / chunks) tensor:
+    `kaiming_uniform_(a=sqrt(5))`, fan-in rows * rank / chunks; chunk p of our rank axis is their slice p."""
+    sliced = kaiming_uniform(in_axis=1, out_axis=0)(key, (chunks, rows, rank // chunks), dtype)
+    return sliced.transpose(1, 0, 2).reshape(rows, rank)
 
 
 class Snella(nnx.Module):
