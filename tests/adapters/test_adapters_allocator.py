@@ -50,8 +50,8 @@ def test_default_interval_is_one_epoch_of_a_hundred():
 def test_share_budget_by_hand(scores, sizes, budget, want):
     got = share_budget(jnp.asarray(scores, jnp.float32), jnp.asarray(sizes, jnp.float32), jnp.float32(budget))
     np.testing.assert_array_equal(np.asarray(got), want)
-    np.testing.assert_array_equal(ref.param_alloc(np.asarray(scores) / max(sum(scores), 1) if sum(scores) else
-                                                  np.full(3, 1 / 3), budget, np.asarray(sizes, np.float64)), want)
+    shares = np.asarray(scores) / sum(scores) if sum(scores) else np.full(3, 1 / 3)  # as mask_to_target_ratio
+    np.testing.assert_array_equal(ref.param_alloc(shares, budget, np.asarray(sizes, np.float64)), want)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -67,8 +67,9 @@ def test_share_budget_matches_the_released_code(seed):
 
 
 def test_update_sparsity_matches_the_released_allocator():
-    """16 steps of random gradients (one with NaNs) on six non-square and square matrices: EMAs, scores,
-    the steps that re-share, and every matrix's level after every step."""
+    """16 steps of random gradients (one with NaNs) on six non-square and square matrices: the EMAs, the
+    steps that re-share, and every matrix's level after every step (its share of the budget, which follows
+    the per-matrix scores), within one entry."""
     cfg = SnellaConfig(init_ratio=0.1, target_ratio=0.7, total_steps=16, warmup_steps=2, final_steps=3,
                        mask_interval=3)
     model = small_model()
