@@ -93,7 +93,8 @@ class Allocator:
                 ipt = np.where(np.isnan(ipt), 0.0, ipt)
                 avg = self.beta1 * self.exp_avg_ipt.get(key, 0.0) + (1 - self.beta1) * ipt
                 self.exp_avg_ipt[key] = avg
-                self.exp_avg_unc[key] = self.beta2 * self.exp_avg_unc.get(key, 0.0) + (1 - self.beta2) * np.abs(ipt - avg)
+                unc = self.exp_avg_unc.get(key, 0.0)
+                self.exp_avg_unc[key] = self.beta2 * unc + (1 - self.beta2) * np.abs(ipt - avg)
 
     def scores(self) -> np.ndarray:
         """Per matrix: mean(In_Qs's ipt * unc) + mean(Out_Qs's ipt * unc) (mask_to_target_ratio)."""

@@ -60,7 +60,8 @@ def test_share_budget_matches_the_released_code(seed):
     sizes = rng.integers(1, 40, 12).astype(np.float64) * rng.integers(1, 40, 12)  # d_in * d_out of 12 matrices
     scores = rng.exponential(size=12) ** 3  # skewed, so several matrices hit their size
     budget = float(np.floor(rng.uniform(0.3, 0.9) * sizes.sum()))
-    got = np.asarray(share_budget(jnp.asarray(scores, jnp.float32), jnp.asarray(sizes, jnp.float32), jnp.float32(budget)))
+    got = np.asarray(share_budget(jnp.asarray(scores, jnp.float32), jnp.asarray(sizes, jnp.float32),
+                                  jnp.float32(budget)))
     want = ref.param_alloc(scores / scores.sum(), budget, sizes)
     assert (want == sizes).sum() >= 2, "the case caps some matrices"
     np.testing.assert_allclose(got, want, atol=1)

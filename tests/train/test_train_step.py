@@ -29,8 +29,10 @@ def test_each_step_draws_new_dropout_masks():
     graphdef, trained, frozen = nnx.split((learner, optimizer), TRAINED, ...)
     rng = np.random.default_rng(0)
     ids = np.concatenate([np.full((4, 4), IMAGE_TOKEN), rng.integers(1, IMAGE_TOKEN, (4, 6))], axis=1)
-    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "pixel_values": jnp.asarray(rng.standard_normal((4, 3, 16, 16)), jnp.float32),
-             "attention_mask": jnp.ones((4, 10), jnp.int32), "position_ids": jnp.broadcast_to(jnp.arange(10), (4, 10)),
+    batch = {"input_ids": jnp.asarray(ids, jnp.int32),
+             "pixel_values": jnp.asarray(rng.standard_normal((4, 3, 16, 16)), jnp.float32),
+             "attention_mask": jnp.ones((4, 10), jnp.int32),
+             "position_ids": jnp.broadcast_to(jnp.arange(10), (4, 10)),
              "target_mask": jnp.ones((4, 10), jnp.int32)}
     losses = []
     for _ in range(3):
