@@ -3,8 +3,9 @@
 Classify tasks with a trained head answer in one forward pass: argmax of the head on the last
 token's hidden state. Everything else answers in text: greedy decoding with `Generator`, stopped at
 EOS, special tokens skipped; for a classify task without a head (the base model), the text must
-name one of the task's labels (`train.tasks.label_index`: case and punctuation ignored) to count. Validation batches have a fixed size (the last one padded by
-repeating its final row, the padding dropped afterwards), so each program compiles once.
+name one of the task's labels (`train.tasks.label_index`: case and punctuation ignored) to count.
+Validation batches have a fixed size (the last one padded by repeating its final row, the padding
+dropped afterwards), so each program compiles once.
 """
 
 from __future__ import annotations
