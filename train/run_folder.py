@@ -36,8 +36,7 @@ def previous_run(out: pathlib.Path) -> list[str]:
 def check_usable(out: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
     """Raise RunFolderError unless `out` may be used: a recorded run to resume, or no run (or `overwrite`)."""
     if resume:
-        if not (out / RECORD_FILE).is_file():
-            raise RunFolderError(f"--resume: {out} holds no run to resume (no {RECORD_FILE})")
+        read_record(out)
         return
     found = previous_run(out)
     if found and not overwrite:
@@ -68,6 +67,8 @@ def write_record(out: pathlib.Path, flags: Mapping[str, Any], tasks_file: pathli
 def read_record(out: pathlib.Path) -> dict[str, Any]:
     """The record of the run in `out` (`flags`, `tasks_file`, `tasks_text`)."""
     path = out / RECORD_FILE
+    if not path.is_file():
+        raise RunFolderError(f"--resume: {out} holds no run to resume (no {RECORD_FILE})")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
