@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse_args(argv)
     if args.resume and args.overwrite:
         cli.error("--resume continues the run in --out and --overwrite replaces it: give one")
-    # absl (imported by Orbax) has already configured the root logger, so only force=True applies this.
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    # Importing Orbax has already configured the root logger, so only force=True applies this. The job's
+    # own modules log at INFO (progress, scores, reuse); other libraries only warnings (Orbax is chatty).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("train").setLevel(logging.INFO)
     try:
         tasks_text = None
         if args.resume:
