@@ -17,7 +17,6 @@ from train.tasks import Example, Task
 from train.trainer import head_indices, model_batch
 from valora_jax.models.tiny_processor import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, PAD_ID, tiny_vocab
 
-pytestmark = pytest.mark.xdist_group("train_llava_mha")
 
 IMAGE_TOKENS = 16  # llava_mha: 32-px images, 8-px patches
 
@@ -85,11 +84,17 @@ def test_loss_is_the_answer_tokens_cross_entropy_from_the_position_before_and_th
     heads = ClassifyHeads(model.config.text.hidden_size, {"bright": ("no", "yes")}, rngs=nnx.Rngs(3))
     learner = Learner(model, heads)
     arrays = model_batch(batch, encoder, head_indices(tasks, heads))
-    loss = float(loss_fn(learner, arrays, encoder.answer_window))
+    loss = float(nnx.jit(loss_fn, static_argnums=2)(learner, arrays, encoder.answer_window))
 
-    hidden, _ = model.hidden_states(arrays["input_ids"], arrays["pixel_values"], arrays["attention_mask"],
-                                    arrays["position_ids"])
-    logits = np.asarray(model.logits(hidden), np.float64)  # every position's next-token logits
+    @nnx.jit
+    def forward(model, arrays):
+        hidden, _ = model.hidden_states(arrays["input_ids"], arrays["pixel_values"], arrays["attention_mask"],
+                                        arrays["position_ids"])
+        return hidden, model.logits(hidden)
+
+    hidden, logits = forward(model, {k: arrays[k] for k in ("input_ids", "pixel_values", "attention_mask",
+                                                            "position_ids")})
+    logits = np.asarray(logits, np.float64)  # every position's next-token logits
 
     def cross_entropy(scores, target):
         return np.log(np.exp(scores - scores.max()).sum()) + scores.max() - scores[target]

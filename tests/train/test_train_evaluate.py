@@ -19,7 +19,6 @@ from train.run import load_base
 from train.step import Learner
 from train.tasks import Example, Task, label_index
 
-pytestmark = pytest.mark.xdist_group("train_llava_mha")
 
 BATCH = 3
 VALUES = (0, 60, 120, 180, 250)  # five validation images: BATCH does not divide them
