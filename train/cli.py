@@ -126,6 +126,10 @@ def resumed_args(cli: argparse.ArgumentParser, args: argparse.Namespace, argv: l
     differs from its recorded value is a usage error naming it."""
     record = read_record(args.out)
     recorded, given = record["flags"], recorded_flags(args)
+    missing = sorted(set(given) - set(recorded))
+    if missing:
+        raise RunFolderError(f"--resume: {args.out / RECORD_FILE} lacks the settings {', '.join(missing)} "
+                             "(not written by this version of python -m train)")
     for dest in sorted(given_flags(cli, argv) & set(recorded)):
         if given[dest] != recorded[dest]:
             flag = "--" + dest.replace("_", "-")

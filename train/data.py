@@ -7,8 +7,9 @@ Accepted rows (one JSON object a line; blank lines are ignored):
 A conversation row gives its own prompt (the first human turn, `<image>` removed) and answer (the
 gpt turn after it); later turns are ignored. A label row uses the task's prompt and the label as
 answer. For a classify task the answer must name one of the task's labels, ignoring case and
-punctuation (`train.tasks.label_index`); the example's answer is then that label as the task spells it. Real data is messy, so a bad row is skipped rather than fatal: each skip is counted by
-reason and the first few are named with their line number. A file with no usable row is an error.
+punctuation (`train.tasks.label_index`); the example's answer is then that label as the task spells
+it. Real data is messy, so a bad row is skipped rather than fatal: each skip is counted by reason and
+the first few are named with their line number. A file with no usable row is an error.
 Images are decoded once here to find undecodable ones, then again when the pipeline reads them,
 so that a large data set never has to sit in memory.
 """

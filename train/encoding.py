@@ -7,8 +7,9 @@ fixed length, so the jitted step sees one shape, and carry positions counted fro
 token, as generation assigns them, so what is trained is what is decoded.
 
 An answer is usable only if the tokenizer represents it: a word it maps to an unknown token trains to a
-tiny loss on `<unk>` and can never be decoded, so `Encoder.check_answers` rejects such tasks before
-training (a word-level vocabulary such as the `tiny` preset's is where this happens).
+tiny loss on `<unk>` and can never be decoded, so `Encoder.check_answers` rejects such lm tasks before
+training and warns about such classify labels (a word-level vocabulary such as the `tiny` preset's is
+where this happens).
 """
 
 from __future__ import annotations

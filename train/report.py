@@ -1,8 +1,9 @@
 """What `python -m train` leaves behind: report.json, report.md, accuracy.png and metrics.jsonl.
 
 The report answers: which adapter serves each task, how much it gained over the base model, whether
-it meets its requirement, and how many of its data rows were skipped (per reason; train.data). metrics.jsonl is appended during training (one JSON object a
-line), so a crashed or resumed run keeps its history and any tool can tail it.
+it meets its requirement, and how many of its data rows were skipped (per reason; train.data).
+metrics.jsonl is appended during training (one JSON object a line), so a crashed or resumed run keeps
+its history and any tool can tail it.
 """
 
 from __future__ import annotations

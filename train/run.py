@@ -121,6 +121,7 @@ class Job:
     def base_scores(self) -> dict[str, float]:
         path = self.out / "base_scores.json"
         if path.exists():
+            logger.info("reusing the base model's scores in %s", path)
             return json.loads(path.read_text())
         scores = self.evaluator.scores(self.tasks, self.model)
         write_json(path, scores)

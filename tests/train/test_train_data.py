@@ -43,7 +43,8 @@ def test_good_rows_become_examples(images):
 
 
 def test_labels_match_ignoring_case_and_punctuation_and_take_the_tasks_spelling(images):
-    path = write_jsonl(images / "d.jsonl", [{"image": "red.png", "label": "RED."}, {"image": "blue.png", "label": "Blue"}])
+    path = write_jsonl(images / "d.jsonl", [{"image": "red.png", "label": "RED."},
+                                            {"image": "blue.png", "label": "Blue"}])
     examples, report = read_jsonl(path, head="classify", labels=("red", "blue"))
     assert report.total == 0 and [(e.answer, e.label) for e in examples] == [("red", 0), ("blue", 1)]
 
