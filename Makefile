@@ -29,8 +29,12 @@ $(REF_VENV)/.installed: scripts/reference-requirements.txt
 	$(REF_VENV)/bin/python -m pip install --quiet -r scripts/reference-requirements.txt
 	@touch $@
 
-golden: $(REF_VENV)/.installed
+# Then the reverse direction: the adapter `save_adapter` writes (tests/adapters/jax_saved_lora.py, in .venv),
+# loaded into PEFT, which records its logits for the tests to compare with.
+golden: $(REF_VENV)/.installed $(STAMP)
 	$(REF_VENV)/bin/python scripts/make_golden.py --out tests/golden
+	$(PY) tests/adapters/jax_saved_lora.py
+	$(REF_VENV)/bin/python scripts/make_golden.py --out tests/golden --saved-adapter jax_saved_lora
 
 bench: $(STAMP)
 	$(PY) -m pallas_kernels.bench

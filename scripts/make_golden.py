@@ -20,7 +20,12 @@ Writes, under --out (see tests/golden/README.md for the full description):
   peft_lora_vision/               PEFT LoRA adapter (vision q/k/v/out + LM q/v, with a rank_pattern)
   peft_lora_vision.outputs.safetensors
 
-The reverse check (an adapter written by the JAX side, in PEFT layout, loaded into PEFT):
+The reverse direction (an adapter the JAX side saved with `save_adapter`, loaded into PEFT):
+  python scripts/make_golden.py --out tests/golden --saved-adapter jax_saved_lora
+loads <out>/jax_saved_lora (written by `python tests/adapters/jax_saved_lora.py`) with
+`PeftModel.from_pretrained` on llava_mha and writes PEFT's logits for it to
+<out>/jax_saved_lora.outputs.safetensors, touching nothing else; `make golden` runs it after the full
+run and the JAX script, and the test suite compares the JAX logits with these.
   python scripts/make_golden.py --verify-adapter DIR --base tests/golden/llava_mha \
       --expect FILE [--inputs tests/golden/llava_mha.outputs.safetensors]
 compares PEFT's logits with FILE's `logits` on the stored inputs and exits 1 when the max relative
@@ -555,6 +560,37 @@ def verify_adapter_cli(adapter_dir: str, base_dir: str, expect: str, inputs_file
     return 0
 
 
+def record_saved_adapter(out: pathlib.Path, name: str) -> None:
+    """PEFT's adapted and merged logits for <out>/<name>, an adapter saved by valora-jax, on llava_mha's inputs."""
+    from peft import PeftModel
+
+    set_determinism(0)
+    adapter_dir, base_dir = out / name, out / "llava_mha"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise SystemExit(f"{adapter_dir} holds no adapter: write it first (python tests/adapters/{name}.py)")
+    stored = np_load_file(str(out / "llava_mha.outputs.safetensors"))
+    inputs = {k: torch.from_numpy(stored[k]) for k in ("input_ids", "attention_mask", "pixel_values", "position_ids")}
+    ids, mask, pv, pos = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["position_ids"]
+    peft_model = PeftModel.from_pretrained(load_model(base_dir), str(adapter_dir)).eval()
+    logits = forward_logits(peft_model, ids, mask, pv, pos)
+    change = (logits - forward_logits(load_model(base_dir), ids, mask, pv, pos))[mask.bool()].abs().max().item()
+    assert change > 0.1, f"adapter barely changes the logits ({change})"
+    merged_logits = forward_logits(peft_model.merge_and_unload().eval(), ids, mask, pv, pos)
+    d = (merged_logits - logits)[mask.bool()].abs().max().item()
+    assert d < 1e-3, f"merged vs adapted logits differ by {d}"
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    arrays.update(logits=logits.numpy().astype(np.float32), merged_logits=merged_logits.numpy().astype(np.float32))
+    meta = {
+        "adapter": f"{name}/, saved by valora-jax save_adapter, loaded with PeftModel.from_pretrained",
+        "base": "llava_mha",
+        "logits": "PEFT's adapted model, position_ids = cumsum(attention_mask)-1 (pads 0); pad rows not meaningful",
+        "merged_logits": "after merge_and_unload()",
+        "max_abs_merged_minus_adapted": f"{d:.3e}",
+    }
+    save_outputs(out / f"{name}.outputs.safetensors", arrays, meta)
+    print(f"wrote {out / f'{name}.outputs.safetensors'} (PEFT's logits for {adapter_dir})")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
@@ -739,6 +775,9 @@ def main(argv=None) -> int:
     ap.add_argument("--base", metavar="DIR", help="base model dir for --verify-adapter")
     ap.add_argument("--expect", metavar="FILE", help="safetensors with `logits` (and optionally the inputs)")
     ap.add_argument("--inputs", metavar="FILE", help="safetensors with the inputs; default <base>.outputs.safetensors")
+    ap.add_argument("--saved-adapter", metavar="NAME",
+                    help="only record PEFT's logits for <out>/NAME (an adapter saved by valora-jax) in "
+                         "<out>/NAME.outputs.safetensors")
     args = ap.parse_args(argv)
 
     set_determinism(0)
@@ -746,6 +785,9 @@ def main(argv=None) -> int:
         if not (args.base and args.expect):
             ap.error("--verify-adapter needs --base and --expect")
         return verify_adapter_cli(args.verify_adapter, args.base, args.expect, args.inputs)
+    if args.saved_adapter:
+        record_saved_adapter(pathlib.Path(args.out), args.saved_adapter)
+        return 0
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
