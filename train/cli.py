@@ -3,6 +3,10 @@
 With `--resume` the settings come from the run folder's record (train.run_folder), so
 `python -m train --out X --resume` needs no other flag; a flag given anyway must equal the recorded
 value, and one that differs is a usage error naming it.
+
+Many hosts: every process runs the same command (train.distributed), with --coordinator-address,
+--num-processes and --process-id or with what the launcher (Cloud TPU, SLURM, Open MPI) puts in the
+environment. run.json records the number of processes; a resume must run as many.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import logging
 import pathlib
 from typing import Any
 
+import jax
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from train.data import DataError
+from train.distributed import initialize, is_primary
 from train.encoding import AnswerError
 from train.run import TINY, JobConfig
 from train.run_folder import RECORD_FILE, RunFolderError, read_record
@@ -31,7 +37,8 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
                    "out_proj", "fc1", "fc2",  # CLIP layers (q/k/v shared with the decoder's names)
                    "linear_1", "linear_2")  # projector
 SERIAL_TARGETS = ("self_attn",)
-NOT_RECORDED = ("out", "resume", "overwrite")  # where and how to run, not what: never part of run.json
+# Where and how to run, not what: never part of run.json (the number of processes is, as `processes`).
+NOT_RECORDED = ("out", "resume", "overwrite", "coordinator_address", "num_processes", "process_id")
 # Problems with the user's input: printed as one message, not a traceback.
 INPUT_ERRORS = (RunFolderError, TaskConfigError, DataError, AnswerError, FileNotFoundError)
 
@@ -83,6 +90,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--order", nargs="+", default=None,
                    help="fusion order (every task name once); default: classify tasks first, strictest first "
                         "(train.fusion.fusion_order)")
+    hosts = p.add_argument_group(
+        "many hosts", "Run the same command on every host, with these flags (as jax.distributed.initialize takes "
+                      "them) or without them under a launcher that sets them in the environment (Cloud TPU, SLURM's "
+                      "srun, Open MPI's mpirun). --data-parallel then counts the devices of all hosts, --batch-size "
+                      "is the global batch, and --out must be a folder every host sees.")
+    hosts.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
+                       help="address and free port of process 0, where the processes meet")
+    hosts.add_argument("--num-processes", type=int, default=None, help="number of processes of the job")
+    hosts.add_argument("--process-id", type=int, default=None, help="this process's index, 0 .. num-processes - 1")
     return p
 
 
@@ -95,6 +111,10 @@ def adapter_config(args: argparse.Namespace) -> AdapterConfig:
 def job_config(args: argparse.Namespace) -> JobConfig:
     if args.batch_size % args.data_parallel:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --data-parallel {args.data_parallel}")
+    processes, devices = jax.process_count(), jax.device_count()
+    if args.data_parallel % processes or args.data_parallel > devices:
+        raise ValueError(f"--data-parallel {args.data_parallel} must be a multiple of the {processes} processes and at "
+                         f"most their {devices} devices (each process takes an equal share)")
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
                         checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -106,8 +126,10 @@ def job_config(args: argparse.Namespace) -> JobConfig:
 
 
 def recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings of `args` as run.json records them: JSON values, paths absolute."""
+    """The settings of `args` as run.json records them: JSON values, paths absolute, and the job's number
+    of processes."""
     flags = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+    flags["processes"] = jax.process_count()
     flags["tasks"] = str(pathlib.Path(flags["tasks"]).resolve())
     if flags["model"] != TINY:
         flags["model"] = str(pathlib.Path(flags["model"]).resolve())
@@ -130,6 +152,10 @@ def resumed_args(cli: argparse.ArgumentParser, args: argparse.Namespace, argv: l
     if missing:
         raise RunFolderError(f"--resume: {args.out / RECORD_FILE} lacks the settings {', '.join(missing)} "
                              "(not written by this version of python -m train)")
+    if given["processes"] != recorded["processes"]:
+        raise RunFolderError(f"--resume: the run in {args.out} ran as {recorded['processes']} processes and this job "
+                             f"has {given['processes']}; resume it with {recorded['processes']} (each process saved "
+                             "its own data position)")
     for dest in sorted(given_flags(cli, argv) & set(recorded)):
         if given[dest] != recorded[dest]:
             flag = "--" + dest.replace("_", "-")
@@ -143,10 +169,16 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse_args(argv)
     if args.resume and args.overwrite:
         cli.error("--resume continues the run in --out and --overwrite replaces it: give one")
+    if args.num_processes is not None and args.num_processes < 1:
+        cli.error(f"--num-processes must be >= 1, got {args.num_processes}")
+    if args.process_id is not None and not 0 <= args.process_id < (args.num_processes or args.process_id + 1):
+        cli.error(f"--process-id {args.process_id} is not one of 0 .. --num-processes - 1")
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
     # Importing Orbax has already configured the root logger, so only force=True applies this. The job's
-    # own modules log at INFO (progress, scores, reuse); other libraries only warnings (Orbax is chatty).
+    # own modules log at INFO (progress, scores, reuse) on the first process; other libraries and the
+    # other processes only warnings (Orbax is chatty).
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("train").setLevel(logging.INFO)
+    logging.getLogger("train").setLevel(logging.INFO if is_primary() else logging.WARNING)
     try:
         tasks_text = None
         if args.resume:

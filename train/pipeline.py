@@ -1,9 +1,11 @@
 """grain input pipelines: a seeded, sharded, resumable stream of batches over the union of tasks.
 
 One adapter trains on the union of its tasks' train splits, so batches mix tasks in proportion to
-their sizes. Order of operations: concatenate the tasks, take this host's shard (a strided slice
-with the same length on every host), shuffle with the seed, repeat (grain reshuffles each epoch),
-batch. Batches can straddle an epoch boundary; a step count, not an epoch, is the unit of training.
+their sizes. Order of operations: concatenate the tasks, shuffle with the seed, repeat (grain
+reshuffles each epoch), cut into global batches, and give each host its slice of every global batch
+(host i of n: rows i*B/n to (i+1)*B/n of each batch of B). So the global batches, and with them the
+loss curve, are the same whatever the number of hosts; a host loads only its own rows. Batches can
+straddle an epoch boundary; a step count, not an epoch, is the unit of training.
 
 A batch (from `collate`):
     image   uint8 (B, S, S, 3)
@@ -55,12 +57,15 @@ def collate(elements: Sequence[dict]) -> dict:
     }
 
 
-def shard(dataset: grain.MapDataset, options: grain.sharding.ShardOptions) -> grain.MapDataset:
-    """Every `shard_count`-th element from `shard_index`; with drop_remainder all shards are equally long."""
-    end = len(dataset)
-    if options.drop_remainder:
-        end -= end % options.shard_count
-    return dataset.slice(slice(options.shard_index, end, options.shard_count))
+def host_batches(stream: grain.MapDataset, batch_size: int, options: grain.sharding.ShardOptions) -> grain.MapDataset:
+    """This host's slice of every global batch of `batch_size` rows of `stream` (whole batches only): host i of n
+    takes rows i*b to (i+1)*b of each, b = batch_size / n, so the hosts' slices in order make the global batch."""
+    if batch_size % options.shard_count:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {options.shard_count} hosts reading it")
+    local = batch_size // options.shard_count
+    whole = len(stream) - len(stream) % batch_size
+    sliced = stream.slice(slice(0, whole)).batch(local, drop_remainder=True, batch_fn=collate)
+    return sliced.slice(slice(options.shard_index, None, options.shard_count))
 
 
 def train_dataset(
@@ -72,16 +77,16 @@ def train_dataset(
     num_epochs: int | None = None,
     sharding: grain.sharding.ShardOptions | None = None,
 ) -> grain.MapDataset:
-    """Shuffled batches over the union of the tasks' train splits; `num_epochs=None` repeats forever.
+    """This host's part of shuffled global batches of `batch_size` over the union of the tasks' train splits;
+    `num_epochs=None` repeats forever.
 
-    `sharding` defaults to this JAX process's shard (`ShardByJaxProcess`).
+    `sharding` defaults to this JAX process's part (`ShardByJaxProcess`).
     """
     union = grain.MapDataset.concatenate(
         [_split_dataset(task, i, "train", image_size) for i, task in enumerate(tasks)]
     )
-    sharding = sharding or grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    shuffled = shard(union, sharding).shuffle(seed=seed).repeat(num_epochs)
-    return shuffled.batch(batch_size, drop_remainder=True, batch_fn=collate)
+    stream = union.shuffle(seed=seed).repeat(num_epochs)
+    return host_batches(stream, batch_size, sharding or grain.sharding.ShardByJaxProcess())
 
 
 def eval_dataset(task: Task, task_index: int, *, batch_size: int, image_size: int) -> grain.MapDataset:

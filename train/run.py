@@ -19,6 +19,9 @@ Layout of `--out`:
 `--resume` reuses every finished training (its result.json) and continues an unfinished one from its
 latest checkpoint, and logs which; because fusion is deterministic given the scores, the resumed job
 retraces the same path and ends with the same adapters.
+
+Over many processes (train.distributed) every process runs the whole job and only the first writes the
+folder; a barrier after each write keeps the others from reading a file before it exists.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
+from train.distributed import barrier, is_primary
 from train.encoding import Encoder
 from train.evaluate import Evaluator
 from train.fusion import FusionResult, fuse_tasks
@@ -102,13 +106,15 @@ class Job:
         self.encoder = Encoder(processor, cfg.eos_token_id, pad).fitted(self.tasks)
         self.encoder.check_answers(self.tasks)
         self.evaluator = Evaluator(self.encoder, image_size=self.image_size, batch_size=config.eval_batch_size)
-        if not config.resume:  # everything loaded: the run starts here
+        barrier("loaded")  # every process has checked --out before the first one changes it
+        if not config.resume and is_primary():  # everything loaded: the run starts here
             if config.overwrite and previous_run(self.out):
                 logger.warning("--overwrite: deleting the previous run in %s", self.out)
                 clear(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
             write_record(self.out, config.flags, config.tasks.resolve(), tasks_text)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.metrics = MetricsLog(self.out / "metrics.jsonl") if is_primary() else None
+        barrier("run folder ready")
 
     def base_scores(self) -> dict[str, float]:
         path = self.out / "base_scores.json"
@@ -116,7 +122,8 @@ class Job:
             logger.info("reusing the base model's scores in %s", path)
             return json.loads(path.read_text())
         scores = self.evaluator.scores(self.tasks, self.model)
-        write_json(path, scores)
+        if is_primary():
+            write_json(path, scores)
         return scores
 
     def training_dir(self, group: Sequence[Task]) -> pathlib.Path:
@@ -144,28 +151,34 @@ class Job:
                           resume=config.resume)
             learner.eval()  # input dropout off while scoring
             scores = self.evaluator.scores(group, self.model, learner)
-            self.metrics.append(step=config.train.steps, adapter=group_key(group),
-                                loss=losses[-1] if losses else float("nan"), lr=0.0, examples_per_s=0.0,
-                                eval_scores=scores)
-            save_adapter(self.model, directory / "adapter", base_model=config.model)
             classify = [task.name for task in group if task.head == "classify"]
             trainable = count_trainable(self.model)
             if classify:
-                learner.heads.save(directory / "adapter", classify)
                 trainable += learner.heads.parameter_count(classify)
+            if is_primary():
+                self.metrics.append(step=config.train.steps, adapter=group_key(group),
+                                    loss=losses[-1] if losses else float("nan"), lr=0.0, examples_per_s=0.0,
+                                    eval_scores=scores)
+                save_adapter(self.model, directory / "adapter", base_model=config.model)
+                if classify:
+                    learner.heads.save(directory / "adapter", classify)
         finally:
             detach(self.model)
         logger.info("%s: %s", group_key(group), ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        write_json(result_path, {"scores": scores, "trainable_parameters": trainable})
+        if is_primary():
+            write_json(result_path, {"scores": scores, "trainable_parameters": trainable})
+        barrier(f"{group_key(group)} saved")  # the next group may start from this adapter
         return scores
 
     def publish(self, fusion: FusionResult) -> dict[str, int]:
-        """Copy each accepted adapter to adapters/<name>; returns trainable parameters per adapter."""
+        """Copy each accepted adapter to adapters/<name> (the first process); returns trainable parameters
+        per adapter."""
         by_name = {task.name: task for task in self.tasks}
         trainable = {}
         for adapter in fusion.adapters:
             source = self.training_dir([by_name[name] for name in adapter.tasks])
-            shutil.copytree(source / "adapter", self.out / "adapters" / adapter.name, dirs_exist_ok=True)
+            if is_primary():
+                shutil.copytree(source / "adapter", self.out / "adapters" / adapter.name, dirs_exist_ok=True)
             trainable[adapter.name] = json.loads((source / RESULT_FILE).read_text())["trainable_parameters"]
         return trainable
 
@@ -174,8 +187,9 @@ class Job:
         fusion = fuse_tasks(self.tasks, self.train_and_eval, order=self.config.order)
         report = build_report(self.tasks, base, fusion, kind=self.config.adapter.kind, rank=self.config.adapter.rank,
                               trainable_parameters=self.publish(fusion))
-        write_report(report, self.out)
-        print_report(report)
+        if is_primary():
+            write_report(report, self.out)
+            print_report(report)
         return report
 
 

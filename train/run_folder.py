@@ -6,8 +6,9 @@ loaded, and with `--overwrite` the previous run is deleted only after the new on
 model have loaded (train.run). Other files in the folder are never touched.
 
 `run.json` records how the run was started: the command-line settings (`flags`, the argparse
-destinations of train.cli except --out, --resume and --overwrite) and the task file's path and text,
-so `--resume` needs no other flag and re-reads the very task list the run started with.
+destinations of train.cli except --out, --resume, --overwrite and the host flags, plus `processes`, the
+job's number of processes) and the task file's path and text, so `--resume` needs no other flag and
+re-reads the very task list the run started with.
 """
 
 from __future__ import annotations

@@ -13,7 +13,10 @@ adapter) from a saved adapter and the heads saved with it, attached in the same 
 
 Data parallel: with `data_parallel = N` the batch is split over a ('data', 'model') mesh of N x 1
 devices and the base and adapter are replicated; the jitted step is the same program, XLA inserts the
-gradient all-reduce, so the loss curve equals the single-device one up to float reassociation.
+gradient all-reduce, so the loss curve equals the single-device one up to float reassociation. Over
+many processes (train.distributed) the mesh takes N / processes devices from each, every process reads
+its rows of each global batch (train.pipeline) and the step is still that one program; every process
+takes part in each checkpoint (Orbax writes the replicated state once, grain each process's position).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from tqdm import tqdm
 
 from train.encoding import Encoder
 from valora_jax.adapters.heads import WEIGHTS_FILE, ClassifyHeads
+from train.distributed import is_primary
 from train.pipeline import make_iterator, train_dataset
 from train.report import MetricsLog
 from train.step import TRAINED, Learner, train_step
@@ -181,14 +185,20 @@ def train_adapter(
     *,
     image_size: int,
     checkpoint_dir: pathlib.Path,
-    metrics: MetricsLog,
+    metrics: MetricsLog | None,
     name: str,
     resume: bool = False,
 ) -> list[float]:
-    """Train `learner`'s adapter variables in place for `config.steps` steps; returns the loss per step run."""
+    """Train `learner`'s adapter variables in place for `config.steps` steps; returns the loss per step run.
+
+    `metrics` (None: not logged, as on all but the first process) gets a record every LOG_EVERY steps.
+    """
     mesh = make_mesh(data=config.data_parallel)
     shard_model(learner, mesh)
     optimizer = nnx.Optimizer(learner, config.transform(), wrt=AdapterParam)
+    # Its step counters start on one device and leave the step on the mesh; placed there from the start,
+    # the step's input shardings never change, so it compiles once.
+    shard_model(optimizer, mesh)
     batches = _Batches(tasks, head_indices(tasks, learner.heads), encoder, config, mesh, image_size)
     sparsify = learner.model.adapter_config.kind == "snella"
     schedule = config.schedule()
@@ -207,7 +217,7 @@ def train_adapter(
         pending: list[jax.Array] = []
         last_good = start if start else None
         progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=name, unit="step",
-                        dynamic_ncols=True, leave=False)
+                        dynamic_ncols=True, leave=False, disable=not is_primary())
         tick = time.perf_counter()
         with jax.set_mesh(mesh):
             for step in progress:
@@ -229,7 +239,9 @@ def train_adapter(
                 rate = len(values) * config.batch_size / (now - tick)
                 tick = now
                 progress.set_postfix(loss=f"{values[-1]:.4f}", ex_s=f"{rate:.0f}")
-                metrics.append(step=done, adapter=name, loss=values[-1], lr=float(schedule(done)), examples_per_s=rate)
+                if metrics is not None:
+                    metrics.append(step=done, adapter=name, loss=values[-1], lr=float(schedule(done)),
+                                   examples_per_s=rate)
                 if done % config.checkpoint_every == 0 or done == config.steps:
                     nnx.update((learner, optimizer), trained)
                     manager.save(done, args=ocp.args.Composite(

@@ -112,7 +112,7 @@ def load_weights(model_dir: str | pathlib.Path, cfg: LlavaConfig, *, dtype=jnp.f
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
     if mesh is None:
-        shardings = {k: SingleDeviceSharding(jax.devices()[0]) for k in flat}
+        shardings = {k: SingleDeviceSharding(jax.local_devices()[0]) for k in flat}
     else:
         shardings = {".".join(map(str, p)): s for p, s in nnx.to_flat_state(state_shardings(state, mesh))}
     loaded, unexpected = {}, []

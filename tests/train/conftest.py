@@ -1,4 +1,7 @@
-"""Shared helpers for the train/ tests: small in-memory tasks whose pixels identify each example."""
+"""Shared helpers for the train/ tests: small in-memory tasks whose pixels identify each example, and the
+root logger kept for pytest around calls of `train.cli.main`."""
+
+import logging
 
 import numpy as np
 import pytest
@@ -28,3 +31,13 @@ def make_task():
         )
 
     return make
+
+
+@pytest.fixture
+def root_logging():
+    """main() configures the root logger (force=True); put pytest's handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

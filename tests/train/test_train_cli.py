@@ -4,7 +4,6 @@ Then the run folder's guards, which act before any model loads: a run is never r
 run that fails validation, and --resume takes the recorded settings."""
 
 import json
-import logging
 import textwrap
 
 import pytest
@@ -13,6 +12,8 @@ from PIL import Image
 import train.run
 from train.cli import job_config, main, parser, recorded_flags
 from train.run_folder import RECORD_FILE, write_record
+
+pytestmark = pytest.mark.usefixtures("root_logging")  # main() configures the root logger
 
 TWO_TASKS = """
     tasks:
@@ -25,16 +26,6 @@ TWO_TASKS = """
         n_train: 8
         n_val: 4
 """
-
-
-@pytest.fixture(autouse=True)
-def root_logging():
-    """main() configures the root logger (force=True); put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_job_writes_adapters_and_report(tmp_path, golden_dir, monkeypatch, capsys):
@@ -102,6 +93,9 @@ def test_max_grad_norm_flag_defaults_to_one_and_zero_turns_clipping_off():
     (["--warmup", "-2"], "warmup and weight_decay must be >= 0"),
     (["--eval-batch-size", "0"], "eval_batch_size must be >= 1"),
     (["--rank", "0"], "rank must be >= 1"),
+    (["--data-parallel", "16"], "--data-parallel 16 must be a multiple of the 1 processes and at most their 8 devices"),
+    (["--num-processes", "0"], "--num-processes must be >= 1"),
+    (["--num-processes", "2", "--process-id", "2"], "--process-id 2 is not one of"),
 ])
 def test_out_of_range_flags_are_usage_errors(flags, message, capsys, monkeypatch):
     def no_run(config):
@@ -162,6 +156,16 @@ def test_resume_takes_the_recorded_settings_and_a_conflicting_flag_is_named(tmp_
     message = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--rank 8 conflicts with the run being resumed" in message
     assert "(--rank 4, recorded in" in message
+
+
+def test_resume_runs_as_many_processes_as_the_run_it_continues(tmp_path):
+    out, _ = a_recorded_run(tmp_path)
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["flags"]["processes"] == 1
+    record["flags"]["processes"] = 2
+    (out / RECORD_FILE).write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="ran as 2 processes and this job has 1; resume it with 2"):
+        main(["--out", str(out), "--resume"])
 
 
 @pytest.mark.parametrize("flags, message", [

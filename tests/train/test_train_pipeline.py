@@ -60,16 +60,23 @@ def test_drop_remainder_drops_the_short_batch(tasks):
     assert len(dataset) == 2  # 10 examples -> two batches of 4, the last 2 dropped
 
 
-def test_hosts_get_disjoint_equal_shards(tasks):
-    shards = [
-        train_dataset(tasks, batch_size=1, seed=0, image_size=SIZE, num_epochs=1,
-                      sharding=grain.sharding.ShardOptions(index, 3, drop_remainder=True))
-        for index in range(3)
-    ]
-    seen = [sorted(i for b in range(len(s)) for i in ids(s[b])) for s in shards]
-    assert [len(s) for s in seen] == [3, 3, 3]  # 10 examples, 1 dropped so every host has 3
-    # the union concatenates a (0..5) then b (10..13); host k takes positions k, k+3, k+6
-    assert seen == [[0, 3, 10], [1, 4, 11], [2, 5, 12]]
+def test_hosts_read_their_rows_of_the_same_global_batches(tasks):
+    """Whatever the number of hosts, host i's batch k is rows i*B/n .. (i+1)*B/n of the one-host batch k."""
+    def dataset(index, count, num_epochs=3):
+        return train_dataset(tasks, batch_size=6, seed=0, image_size=SIZE, num_epochs=num_epochs,
+                             sharding=grain.sharding.ShardOptions(index, count))
+
+    single = dataset(0, 1)
+    assert len(single) == 5  # 30 examples in 3 epochs -> 5 batches of 6
+    for count in (2, 3):
+        hosts = [dataset(index, count) for index in range(count)]
+        assert [len(h) for h in hosts] == [5] * count
+        for k in range(5):
+            assert [i for h in hosts for i in ids(h[k])] == ids(single[k])
+    one_epoch = [dataset(index, 2, num_epochs=1) for index in range(2)]
+    assert [len(h) for h in one_epoch] == [1, 1]  # 10 examples: one whole batch of 6 for both hosts
+    with pytest.raises(ValueError, match="batch size 6 is not a multiple of the 4 hosts"):
+        dataset(0, 4)
 
 
 def test_default_sharding_is_this_jax_process(tasks):
