@@ -2,8 +2,9 @@
 
 One `AdapterPool` (a slot per adapter, rank buffer `--max-rank`, default the rank) holds random LoRA
 adapters of rank `--rank` on the language model's 7 projections, saved with `save_adapter` and loaded as a
-user would. In one run, for a batch of `--batch` rows using 1, 4 and 16 distinct adapters (row i reads
-adapter i mod n):
+user would. The pool's sites are those projections only (`targets`, `serial=False`): with its default
+sites it would also run each attention block's Serial LoRA kernel for every row. In one run, for a batch
+of `--batch` rows using 1, 4 and 16 distinct adapters (row i reads adapter i mod n):
 - the decode step (after a `--prompt-len` prompt) and a prefill of `--prefill-len` tokens per row,
   unmerged and in mixture mode, each as a ratio to the base model's step (same batch, `adapters=None`).
   Mixture: adapter_0, which every batch uses, is merged; its rows read nothing, every other row adds its
@@ -78,7 +79,8 @@ def save_random_adapters(model, count: int, rank: int, seed: int, directory: pat
 
 def switch_bytes(model, rank: int) -> tuple[int, int]:
     """(bytes of every adapted weight, bytes of one adapter's factors in the model's dtype)."""
-    sites = [m for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and re.fullmatch(LM_PROJECTIONS, module_path(p))]
+    sites = [m for p, m in nnx.iter_modules(model)
+             if isinstance(m, Linear) and re.fullmatch(LM_PROJECTIONS, module_path(p))]
     weights = sum(m.kernel[...].nbytes for m in sites)
     adapter = sum(rank * (m.in_features + m.out_features) * m.kernel[...].dtype.itemsize for m in sites)
     return weights, adapter
@@ -114,7 +116,8 @@ def run(args) -> dict:
         for i, path in enumerate(paths):
             pool.load(adapter_name(i), path)
 
-    ids = np.random.default_rng(args.seed).integers(10, model.config.text.vocab_size, (args.batch, args.prefill_len), dtype=np.int32)
+    ids = np.random.default_rng(args.seed).integers(10, model.config.text.vocab_size, (args.batch, args.prefill_len),
+                                                    dtype=np.int32)
     decode_gen = Generator(model, max_len=args.prompt_len + args.new_tokens, min_bucket=args.prompt_len)
     prefill_gen = Generator(model, max_len=args.prefill_len, min_bucket=args.prefill_len)
 
@@ -173,14 +176,18 @@ def run(args) -> dict:
         else:
             row.update(ms=switch_ms[name], over_floor=switch_ms[name] / floor_ms)
         rows.append(row)
-    progress(f"restore of the original weights from the host copy, {args.repeats} timed after a warm-up")
-    restore = measure({"phase": f"restore (every {pool.restore_every} unmerges)"},
-                      lambda: {"ms": 1e3 * timed(lambda: (pool.restore(), nnx.state(model))[1], tuple,
-                                                 repeats=args.repeats)})
+    restore = {"phase": f"restore (every {pool.restore_every} unmerges)"}
+    if "error" in switch_ms:  # nothing merged: nothing to restore
+        restore["error"] = switch_ms["error"]
+    else:
+        progress(f"restore of the original weights from the host copy, {args.repeats} timed after a warm-up")
+        measure(restore, lambda: {"ms": 1e3 * timed(lambda: (pool.restore(), nnx.state(model))[1], lambda: (),
+                                                    repeats=args.repeats)})
     rows.append(restore)
 
-    meta = {"preset": args.preset, "text_layers": model.config.text.num_hidden_layers, "dtype": args.dtype, "device": device, "platform": backend,
-            "kernel_backend": pool.backend, "rank": args.rank, "max_rank": max_rank, "slots": pool.num_slots,
+    meta = {"preset": args.preset, "text_layers": model.config.text.num_hidden_layers, "dtype": args.dtype,
+            "device": device, "platform": backend, "kernel_backend": pool.backend, "rank": args.rank,
+            "max_rank": max_rank, "slots": pool.num_slots,
             "batch": args.batch, "prompt_len": args.prompt_len, "prefill_len": args.prefill_len,
             "decode_steps": args.new_tokens - 1, "repeats": args.repeats, "copy_bandwidth_GBps": bandwidth / 1e9,
             "adapted_weight_GB": weight_bytes / 1e9, "adapter_MB": adapter_bytes / 1e6}
@@ -217,7 +224,8 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     ms = lambda r: f"failed: {r['error']}" if "error" in r else f"{r['ms']:.3f}"
     ratio = lambda r, key: f"{r[key]:.3f}x" if key in r else "-"
-    lines = [f"{m['preset']} ({m['text_layers']} language-model layers) {m['dtype']} on {m['device']} ({m['kernel_backend']} kernels); random LoRA rank "
+    lines = [f"{m['preset']} ({m['text_layers']} language-model layers) {m['dtype']} on {m['device']} "
+             f"({m['kernel_backend']} kernels); random LoRA rank "
              f"{m['rank']} on the language model's 7 projections, pool of {m['slots']} slots, rank buffer "
              f"{m['max_rank']}; batch {m['batch']}: decode step after a {m['prompt_len']}-token prompt "
              f"(mean of {m['decode_steps']} steps), prefill of {m['prefill_len']} tokens per row; median of "
@@ -228,7 +236,8 @@ def markdown(result: dict) -> str:
               for r in steps]
     lines += ["", f"Switching {MERGED} ({m['adapted_weight_GB']:.3f} GB of adapted weights, adapter "
                   f"{m['adapter_MB']:.2f} MB); byte floor: one read and write of every adapted weight and one "
-                  "read of the adapter", "", "| operation | ms | byte floor ms | / floor |", "| --- | --- | --- | --- |"]
+                  "read of the adapter", "",
+              "| operation | ms | byte floor ms | / floor |", "| --- | --- | --- | --- |"]
     for r in result["rows"][len(steps):]:
         floor = f"{r['floor_ms']:.3f}" if "floor_ms" in r else "-"
         lines.append(f"| {r['phase']} | {ms(r)} | {floor} | {ratio(r, 'over_floor')} |")
@@ -255,7 +264,8 @@ def main(argv=None) -> dict:
     p.add_argument("--prefill-len", type=int, default=32, help="prompt tokens per row in the prefill measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--copy-bytes", type=int, default=None,
-                   help="buffer size of the bandwidth measurement (default 1 GiB, past the last-level cache; 64 MiB on CPU)")
+                   help="buffer size of the bandwidth measurement (default 1 GiB, past the last-level cache; "
+                        "64 MiB on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, help="directory for bench_adapters.json and bench_adapters.md")
     args = p.parse_args(argv)

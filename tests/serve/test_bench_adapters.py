@@ -58,16 +58,16 @@ def test_a_failing_mixture_is_reported_in_its_rows_and_fails_the_run(cpu_run, tm
         raise RuntimeError(f"cannot merge {name}")
 
     monkeypatch.setattr(AdapterPool, "merge", broken_merge)
-    with pytest.raises(SystemExit, match="9 measurement"):
+    with pytest.raises(SystemExit, match="10 measurement"):
         bench_adapters.main(SMALLEST + ["--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench_adapters.json").read_text())
     failed = [r for r in saved["rows"] if "error" in r]
-    assert [r.get("mode", r["phase"]) for r in failed] == ["mixture"] * 6 + ["merge", "unmerge", "merge + unmerge"]
+    assert [r.get("mode", r["phase"]) for r in failed] == ["mixture"] * 6 + SWITCH_ROWS
     assert all(r["error"] == "RuntimeError: cannot merge adapter_0" and "ms" not in r for r in failed)
     assert all("ms" in r for r in saved["rows"] if r.get("mode") in ("base", "unmerged"))
     assert saved["targets"][1]["status"] == "not measured (RuntimeError: cannot merge adapter_0)"
     table = (tmp_path / "bench_adapters.md").read_text()
-    assert table.count("| failed: RuntimeError: cannot merge adapter_0 |") == 9
+    assert table.count("| failed: RuntimeError: cannot merge adapter_0 |") == 10
 
 
 def test_switch_bytes_count_the_seven_projections_by_hand():
