@@ -18,9 +18,10 @@ Kinds:
 - Serial LoRA: its block transform x' = x + s x A B, batched through `batched_lora` with base_out = x.
 - SNELLA: dW_s is full-rank, so it occupies a slot as a dense delta, A = dW_s and B = I (or A = I, B = dW_s,
   whichever is narrower): rank min(d_in, d_out). That needs max_rank >= min(d_in, d_out) at every site it
-  adapts (for a 4096-wide 7B model, R = 4096: each slot then costs a full copy of the adapted weights), so
-  a SNELLA adapter that does not fit is refused at `load` with an error naming the site and the limit;
-  such an adapter is served by merging it offline (`valora_jax.adapters.merge`).
+  adapts (for a 4096-wide 7B model R = 4096, and a slot's R * (d_in + d_out) values per site come to
+  about 1.6x the adapted weights: 20.5 GB per slot in bfloat16), so a SNELLA adapter that does not fit is
+  refused at `load` with an error naming the site and the limit; such an adapter is served merged on a
+  model of its own (`attach` / `load_adapter`, then `valora_jax.adapters.merge`).
 
 Modes:
 - Unmerged: base weights untouched; every row's delta from its slot.
@@ -232,7 +233,7 @@ class AdapterPool:
     a name or ending in "." + name; a string is a regex over the whole path); by default every `Linear`
     except the output head. `serial=False` leaves out the attention-block sites of Serial LoRA. Memory:
     each projection site holds slots * R * (d_in + d_out) values of the model's dtype, each serial site
-    slots * R * 2d; the heads slots * head_tasks * (d + 2) * head_labels float32 values. The first merge
+    slots * R * 2d; the heads slots * head_tasks * ((d + 1) * head_labels + 1) float32 values. The first merge
     into a site copies its original weight to host memory (see `restore`).
     """
 
