@@ -6,6 +6,14 @@ import os
 # advisory on import does not apply. A user's own TRANSFORMERS_VERBOSITY still wins.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from valora_jax.loading import load_pretrained  # noqa: E402
-
 __all__ = ["load_pretrained"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so the JAX-free modules (the tiny processor that `make golden`'s reference
+    # venv imports) load without jax.
+    if name == "load_pretrained":
+        from valora_jax.loading import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module 'valora_jax' has no attribute {name!r}")
