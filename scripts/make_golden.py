@@ -26,6 +26,8 @@ Writes, under --out (see tests/golden/README.md for the full description):
   qwen2_5_vl/                     tiny Qwen2_5_VLForConditionalGeneration (untied, ragged windows), transformers 5
                                   in-memory names (model.visual.*, model.language_model.*, lm_head.*)
   qwen2_5_vl.outputs.safetensors
+  peft_lora_qwen2_5_vl/           PEFT LoRA on qwen2_5_vl: vision blocks (qkv, proj, gated MLP) + decoder
+  peft_lora_qwen2_5_vl.outputs.safetensors   adapted / merged logits and greedy generation on qwen2_5_vl's inputs
 `--only llava` / `--only qwen` regenerates one family's files and leaves the others alone.
 
 The reverse check (an adapter written by the JAX side, in PEFT layout, loaded into PEFT):
@@ -772,6 +774,51 @@ def build_qwen(out: pathlib.Path, version: str, seed: int) -> None:
     meta["model"] = version
     meta["layout"] = "published (save_pretrained)" if version == "qwen2_vl" else "transformers 5 in-memory names"
     save_outputs(out / f"{version}.outputs.safetensors", arrays, meta)
+    return mdir, inputs
+
+
+QWEN_LORA_TARGETS = (r".*(visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
+                     r"|language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj))")
+
+
+def build_qwen_adapter(out: pathlib.Path, base_dir: pathlib.Path, inputs, seed: int) -> None:
+    """PEFT LoRA on the vision blocks (fused qkv, proj, gated MLP) and the decoder of `base_dir` (Qwen2.5-VL)."""
+    from peft import LoraConfig, get_peft_model
+
+    set_determinism(0)
+    model_class = qwen_model_class("qwen2_5_vl")
+    load = lambda: model_class.from_pretrained(str(base_dir), attn_implementation="eager",  # noqa: E731
+                                               dtype=torch.float32).eval()
+    base = load()
+    base.name_or_path = base.config._name_or_path = base_dir.name
+    lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, bias="none", target_modules=QWEN_LORA_TARGETS,
+                      base_model_name_or_path=base_dir.name)
+    peft_model = get_peft_model(base, lora).eval()
+    init_lora(peft_model, seed)
+    adapted = {name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")}
+    assert any(".visual.blocks." in n for n in adapted) and any(".language_model." in n for n in adapted), adapted
+    with torch.no_grad():
+        logits = peft_model(**inputs).logits.float()
+        base_logits = load()(**inputs).logits.float()
+    mask = inputs["attention_mask"].bool()
+    change = (logits - base_logits)[mask].abs().max().item()
+    assert change > 0.1, f"adapter barely changes the logits ({change})"
+    gen, margin = qwen_greedy(peft_model, inputs)
+    assert margin > MIN_GREEDY_MARGIN, margin
+    adir = out / "peft_lora_qwen2_5_vl"
+    peft_model.save_pretrained(str(adir))
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    with torch.no_grad():
+        merged_logits = merged(**inputs).logits.float()
+    d = (merged_logits - logits)[mask].abs().max().item()
+    assert d < 1e-3, f"merged vs adapted logits differ by {d}"
+    arrays = {"logits": logits.numpy().astype(np.float32), "merged_logits": merged_logits.numpy().astype(np.float32),
+              "generated_ids": gen.numpy().astype(np.int64)}
+    meta = {"base": base_dir.name, "inputs": f"{base_dir.name}.outputs.safetensors",
+            "logits": "adapted model, M-RoPE positions; pad rows not meaningful", "merged_logits": "after merge_and_unload()",
+            "generated_ids": "adapted model, new tokens only, greedy, eos_token_id=None",
+            "greedy_min_top2_margin": f"{margin:.6f}", "max_abs_merged_minus_adapted": f"{d:.3e}"}
+    save_outputs(out / "peft_lora_qwen2_5_vl.outputs.safetensors", arrays, meta)
 
 
 
@@ -907,7 +954,7 @@ def summary(out: pathlib.Path) -> None:
 # What each family writes under --out (a directory and its `.outputs.safetensors`).
 FAMILY_FILES = {
     "llava": ("llava_mha", "llava_gqa_legacy", "peft_lora", "peft_lora_vision"),
-    "qwen": ("qwen2_vl", "qwen2_5_vl"),
+    "qwen": ("qwen2_vl", "qwen2_5_vl", "peft_lora_qwen2_5_vl"),
 }
 
 
@@ -943,7 +990,8 @@ def main(argv=None) -> int:
         build_adapters(out, mha_dir, inputs)
     if "qwen" in families:
         build_qwen(out, "qwen2_vl", seed=11)
-        build_qwen(out, "qwen2_5_vl", seed=12)
+        qwen25_dir, qwen25_inputs = build_qwen(out, "qwen2_5_vl", seed=12)
+        build_qwen_adapter(out, qwen25_dir, qwen25_inputs, seed=13)
     if keep is not None:
         readme.write_text(keep)
     summary(out)

@@ -81,3 +81,33 @@ def test_greedy_generation_matches_transformers_generate(loaded):
     patches = ref["pixel_values"][n0: n0 + int(ref["image_grid_thw"][1].prod())]
     gen.generate(other, patches, image_grid_thw=ref["image_grid_thw"][1:2], max_new_tokens=16, eos_token_id=-1)
     assert gen.compiled_programs() == programs
+
+
+def test_peft_lora_on_vision_and_decoder_matches_peft(golden_dir):
+    """PEFT LoRA (vision blocks' fused qkv, proj and gated MLP; decoder attention and gate_proj) on qwen2_5_vl:
+    adapted logits and greedy tokens as PEFT's, merged logits as PEFT's merge_and_unload, unmerge restores the
+    base weights."""
+    import jax
+    from flax import nnx
+
+    from valora_jax.adapters import AdapterParam, load_adapter, merge, unmerge
+
+    model, _ = load_pretrained(golden_dir / "qwen2_5_vl")
+    ref = load_file(golden_dir / "qwen2_5_vl.outputs.safetensors")
+    want = load_file(golden_dir / "peft_lora_qwen2_5_vl.outputs.safetensors")
+    base = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    config = load_adapter(model, golden_dir / "peft_lora_qwen2_5_vl")
+    assert set(config.towers) == {"visual", "language_model"}
+    assert model.visual.blocks[0].attn.qkv.adapter is not None and model.visual.blocks[2].mlp.up_proj.adapter is not None
+    args = (ref["input_ids"], ref["pixel_values"], ref["image_grid_thw"], ref["attention_mask"])
+    assert rel_err(model(*args), want["logits"], ref["attention_mask"]) <= 1e-4
+    gen = Generator(model, max_len=128, min_bucket=64)
+    tokens = gen.generate(ref["input_ids"], ref["pixel_values"], ref["attention_mask"],
+                          image_grid_thw=ref["image_grid_thw"], max_new_tokens=16, eos_token_id=-1)
+    np.testing.assert_array_equal(tokens, want["generated_ids"])
+    merge(model)
+    assert rel_err(model(*args), want["merged_logits"], ref["attention_mask"]) <= 1e-4
+    unmerge(model)
+    restored = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
+    for (path, a), (_, b) in zip(nnx.to_flat_state(base), nnx.to_flat_state(restored)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6, err_msg=str(path))

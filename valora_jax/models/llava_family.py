@@ -40,4 +40,10 @@ LLAVA = Family(
     names=NAMES,
     presets=PRESETS,
     load_processor=auto_processor,
+    hf_modules=(
+        ("vision_tower.layers.", "model.vision_tower.encoder.layers."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("language_model.", "model.language_model."),
+        ("lm_head", "lm_head"),
+    ),
 )

@@ -61,6 +61,7 @@ class Family:
     names: CheckpointNames
     presets: Mapping[str, Callable[[], Any]]
     load_processor: Callable[[Any], Any]  # model dir -> the processor its files describe
+    hf_modules: tuple[tuple[str, str], ...]  # our path prefix -> transformers 5's live module prefix (PEFT names)
 
 
 def auto_processor(model_dir) -> Any:

@@ -35,6 +35,7 @@ def _family(version: str, architecture: str) -> Family:
         names=NAMES,
         presets={name: make for name, make in PRESETS.items() if make().version == version},
         load_processor=load_processor,
+        hf_modules=(("visual.", "model.visual."), ("language_model.", "model.language_model."), ("lm_head", "lm_head")),
     )
 
 
