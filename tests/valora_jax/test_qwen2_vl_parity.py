@@ -111,3 +111,35 @@ def test_peft_lora_on_vision_and_decoder_matches_peft(golden_dir):
     restored = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(AdapterParam))))
     for (path, a), (_, b) in zip(nnx.to_flat_state(base), nnx.to_flat_state(restored)):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-6, err_msg=str(path))
+
+
+def test_mesh_of_8_devices_matches_one_device(golden_dir):
+    """qwen2_5_vl loaded onto a 2-way data x 4-way tensor-parallel mesh: logits as on one device, same greedy tokens."""
+    import jax
+    from flax import nnx
+
+    from valora_jax.sharding import make_mesh
+
+    assert len(jax.devices()) >= 8, "conftest sets 8 host devices"
+    ref = load_file(golden_dir / "qwen2_5_vl.outputs.safetensors")
+    mesh = make_mesh(data=2, model=4)
+    single, _ = load_pretrained(golden_dir / "qwen2_5_vl")
+    sharded, _ = load_pretrained(golden_dir / "qwen2_5_vl", mesh=mesh)
+    assert sharded.visual.blocks[0].attn.qkv.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    vision, positions = single.generation_inputs(ref["input_ids"], ref["attention_mask"], ref["pixel_values"],
+                                                 ref["image_grid_thw"])
+
+    @nnx.jit
+    def logits(model, ids, vision, mask, positions):
+        return model.logits(model.hidden_states(ids, vision, mask, positions)[0])
+
+    args = (ref["input_ids"], vision, ref["attention_mask"], positions)
+    expected = np.asarray(logits(single, *args))
+    with jax.set_mesh(mesh):
+        got = logits(sharded, *args)
+        tokens = Generator(sharded, max_len=128, min_bucket=64).generate(
+            ref["input_ids"], ref["pixel_values"], ref["attention_mask"], image_grid_thw=ref["image_grid_thw"],
+            max_new_tokens=16, eos_token_id=-1)
+    assert len(got.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(tokens, ref["generated_ids"])
