@@ -61,11 +61,13 @@ def test_logits_match_transformers(loaded):
 
 
 def test_greedy_generation_matches_transformers_generate(loaded):
-    _, model, _, ref = loaded
+    name, model, _, ref = loaded
     gen = Generator(model, max_len=128, min_bucket=64)
     tokens = gen.generate(ref["input_ids"], ref["pixel_values"], ref["attention_mask"],
                           image_grid_thw=ref["image_grid_thw"], max_new_tokens=16, eos_token_id=-1)
     np.testing.assert_array_equal(tokens, ref["generated_ids"])
+    if name != "qwen2_5_vl":
+        return  # the unbatched prompt and the compile counts once (each costs two compiles)
     n0 = int(ref["image_grid_thw"][0].prod())
     single = gen.generate(ref["single_input_ids"], ref["pixel_values"][:n0], image_grid_thw=ref["image_grid_thw"][:1],
                           max_new_tokens=16, eos_token_id=-1)
@@ -85,7 +87,7 @@ def test_greedy_generation_matches_transformers_generate(loaded):
 
 def test_peft_lora_on_vision_and_decoder_matches_peft(golden_dir):
     """PEFT LoRA (vision blocks' fused qkv, proj and gated MLP; decoder attention and gate_proj) on qwen2_5_vl:
-    adapted logits and greedy tokens as PEFT's, merged logits as PEFT's merge_and_unload, unmerge restores the
+    adapted logits as PEFT's, merged logits as PEFT's merge_and_unload, unmerge restores the
     base weights."""
     import jax
     from flax import nnx
@@ -101,10 +103,6 @@ def test_peft_lora_on_vision_and_decoder_matches_peft(golden_dir):
     assert model.visual.blocks[0].attn.qkv.adapter is not None and model.visual.blocks[2].mlp.up_proj.adapter is not None
     args = (ref["input_ids"], ref["pixel_values"], ref["image_grid_thw"], ref["attention_mask"])
     assert rel_err(model(*args), want["logits"], ref["attention_mask"]) <= 1e-4
-    gen = Generator(model, max_len=128, min_bucket=64)
-    tokens = gen.generate(ref["input_ids"], ref["pixel_values"], ref["attention_mask"],
-                          image_grid_thw=ref["image_grid_thw"], max_new_tokens=16, eos_token_id=-1)
-    np.testing.assert_array_equal(tokens, want["generated_ids"])
     merge(model)
     assert rel_err(model(*args), want["merged_logits"], ref["attention_mask"]) <= 1e-4
     unmerge(model)
@@ -114,7 +112,7 @@ def test_peft_lora_on_vision_and_decoder_matches_peft(golden_dir):
 
 
 def test_mesh_of_8_devices_matches_one_device(golden_dir):
-    """qwen2_5_vl loaded onto a 2-way data x 4-way tensor-parallel mesh: logits as on one device, same greedy tokens."""
+    """qwen2_5_vl loaded onto a 2-way data x 4-way tensor-parallel mesh: logits as on one device."""
     import jax
     from flax import nnx
 
@@ -137,9 +135,5 @@ def test_mesh_of_8_devices_matches_one_device(golden_dir):
     expected = np.asarray(logits(single, *args))
     with jax.set_mesh(mesh):
         got = logits(sharded, *args)
-        tokens = Generator(sharded, max_len=128, min_bucket=64).generate(
-            ref["input_ids"], ref["pixel_values"], ref["attention_mask"], image_grid_thw=ref["image_grid_thw"],
-            max_new_tokens=16, eos_token_id=-1)
     assert len(got.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    np.testing.assert_array_equal(tokens, ref["generated_ids"])
