@@ -82,3 +82,44 @@ def test_processor_from_files_reproduces_the_golden_inputs(golden_dir):
     np.testing.assert_array_equal(got["attention_mask"], ref["attention_mask"])
     np.testing.assert_array_equal(got["image_grid_thw"], ref["image_grid_thw"])
     np.testing.assert_allclose(got["pixel_values"], ref["pixel_values"], rtol=0, atol=1e-6)
+
+
+_IDS = {"bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+        "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656}
+# config.json of Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct as published (transformers 4.x style:
+# flat text fields, `rope_scaling` of type "mrope", vision `in_chans`); shapes only matter here.
+PUBLISHED_CONFIGS = {
+    "qwen2-vl-2b": {
+        "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", **_IDS,
+        "hidden_act": "silu", "hidden_size": 1536, "intermediate_size": 8960, "max_position_embeddings": 32768,
+        "max_window_layers": 28, "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 151936,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                          "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                          "temporal_patch_size": 2},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    },
+    "qwen2.5-vl-7b": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", **_IDS,
+        "hidden_act": "silu", "hidden_size": 3584, "intermediate_size": 18944, "max_position_embeddings": 128000,
+        "max_window_layers": 28, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 152064,
+        "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                          "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+                          "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                          "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_published_config_json_parses_to_the_preset(tmp_path, name):
+    from valora_jax.loading import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED_CONFIGS[name]))
+    family, cfg = load_config(tmp_path)
+    assert family.architectures == tuple(PUBLISHED_CONFIGS[name]["architectures"])
+    assert cfg == preset(name)

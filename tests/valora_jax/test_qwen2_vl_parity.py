@@ -137,3 +137,17 @@ def test_mesh_of_8_devices_matches_one_device(golden_dir):
         got = logits(sharded, *args)
     assert len(got.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_inputs_that_do_not_fit_the_images_are_errors(loaded):
+    _, model, _, ref = loaded
+    ids, mask, pixels, grid = ref["input_ids"], ref["attention_mask"], ref["pixel_values"], ref["image_grid_thw"]
+    with pytest.raises(ValueError, match="image_grid_thw gives 23 image tokens"):
+        model.generation_inputs(np.where(ids == model.config.image_token_id, 5, ids), mask, pixels, grid)
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        model.generation_inputs(ids, mask, pixels[:-4], grid)
+    with pytest.raises(ValueError, match="go together"):
+        model.generation_inputs(ids, mask, pixels, None)
+    swapped = grid[[0, 2, 1]]  # same token total, but the second prompt's runs no longer fit their images
+    with pytest.raises(ValueError, match="does not match the next image_grid_thw"):
+        model.generation_inputs(ids, mask, pixels, swapped)

@@ -79,7 +79,7 @@ class QwenVLConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
-    pad_token_id: int | None = 151643
+    pad_token_id: int | None = None
     bos_token_id: int | None = 151643
     eos_token_id: int | None = 151645
 
@@ -180,5 +180,12 @@ def config_from_hf(hf: dict[str, Any]) -> QwenVLConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings") or text.get("tie_word_embeddings", False)),
         pad_token_id=text.get("pad_token_id", hf.get("pad_token_id")),
         bos_token_id=text.get("bos_token_id", hf.get("bos_token_id")),
-        eos_token_id=text.get("eos_token_id", hf.get("eos_token_id")),
+        eos_token_id=_first(text.get("eos_token_id", hf.get("eos_token_id"))),
     )
+
+
+def _first(token_id: int | list[int] | None) -> int | None:
+    """One EOS id (generation stops at one): the first of a list."""
+    if isinstance(token_id, list):
+        return token_id[0] if token_id else None
+    return token_id
