@@ -32,7 +32,9 @@ def loaded(request, golden_dir):
 
 def test_family_from_config(loaded):
     name, model, _, _ = loaded
-    assert model.config.version == name
+    from valora_jax.models.registry import family_of
+
+    assert model.config.version == name == family_of(model.config).name
     assert model.config.tie_word_embeddings == (name == "qwen2_vl") == (model.lm_head is None)
 
 
@@ -151,3 +153,6 @@ def test_inputs_that_do_not_fit_the_images_are_errors(loaded):
     swapped = grid[[0, 2, 1]]  # same token total, but the second prompt's runs no longer fit their images
     with pytest.raises(ValueError, match="does not match the next image_grid_thw"):
         model.generation_inputs(ids, mask, pixels, swapped)
+    vision, _ = model.generation_inputs(ids, mask, pixels, grid)
+    with pytest.raises(ValueError, match="M-RoPE position_ids"):
+        model.hidden_states(ids, vision, mask, position_ids=np.zeros(ids.shape, np.int32))

@@ -1,6 +1,16 @@
 """The model families `load_pretrained` knows: each maps config.json's `architectures` to its config parser,
 its NNX model class, its checkpoint-name rules and its presets.
 
+What generation, adapters and benchmarks use of a model, whatever its family:
+- `config.text` (the decoder's `TextConfig`: KV-cache shapes), `config.pad_token_id` / `eos_token_id`;
+- `language_model` (the decoder, with `embed_tokens`, `layers`, `norm`) and `lm_head` (None when tied);
+- `hidden_states(input_ids, pixel_values, attention_mask, position_ids, cache)` -> (hidden, cache) and
+  `logits(hidden)`: the jit-side entry points; `pixel_values` is whatever the family's vision encoder takes;
+- optionally `generation_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)`
+  -> (pixel_values, position_ids): host-side preparation of a prompt batch (Qwen-VL: vision metadata and
+  M-RoPE positions), which `Generator` calls before every prefill;
+- adaptable projections are `valora_jax.layers.Linear`, attention blocks carry a `qkv_input_adapter` hook.
+
 A family's checkpoint rules turn a tensor name of any layout in circulation into the model's parameter
 path in two steps: `prefixes` (layout prefix -> canonical prefix, first match wins), then `renames`
 (canonical name -> our module path where they differ). Torch `Linear` weights (out, in) become our
@@ -94,11 +104,13 @@ def family_for_hf(hf: Mapping[str, Any]) -> Family:
 
 
 def family_of(cfg: Any) -> Family:
-    """The family whose config class `cfg` is an instance of."""
-    for family in families():
-        if isinstance(cfg, family.config_class):
-            return family
-    raise TypeError(f"no model family for a config of type {type(cfg).__name__}")
+    """The family of a config: by its class, and among families sharing one (Qwen-VL) by its `version`."""
+    matches = [family for family in families() if isinstance(cfg, family.config_class)]
+    if len(matches) > 1:
+        matches = [family for family in matches if family.name == getattr(cfg, "version", None)]
+    if not matches:
+        raise TypeError(f"no model family for a config of type {type(cfg).__name__}")
+    return matches[0]
 
 
 def build_model(cfg: Any, **kwargs) -> Any:

@@ -100,6 +100,9 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         The jit-side entry: `pixel_values` are `VisionInputs` and `position_ids` M-RoPE positions (3, b, s),
         both from `generation_inputs`; a decode step passes neither.
         """
+        if pixel_values is not None and (position_ids is None or jnp.ndim(position_ids) != 3):
+            raise ValueError("a Qwen-VL prompt with images needs its M-RoPE position_ids (3, batch, seq): "
+                             "take them from generation_inputs")
         input_ids = jnp.asarray(input_ids, jnp.int32)
         attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask)
         return self.language_model(self.embed(input_ids, pixel_values), attention_mask, position_ids, cache)
