@@ -752,7 +752,8 @@ def build_qwen(out: pathlib.Path, version: str, seed: int) -> None:
     else:
         mdir.mkdir(parents=True)
         config.save_pretrained(str(mdir))
-        torch_save_file(to_v5_names(model.state_dict(), tied), str(mdir / "model.safetensors"), metadata={"format": "pt"})
+        torch_save_file(to_v5_names(model.state_dict(), tied), str(mdir / "model.safetensors"),
+                        metadata={"format": "pt"})
     tokenizer, image_processor = qwen_tokenizer(), qwen_image_processor()
     tokenizer.save_pretrained(str(mdir))
     image_processor.save_pretrained(str(mdir))
@@ -815,7 +816,8 @@ def build_qwen_adapter(out: pathlib.Path, base_dir: pathlib.Path, inputs, seed: 
     arrays = {"logits": logits.numpy().astype(np.float32), "merged_logits": merged_logits.numpy().astype(np.float32),
               "generated_ids": gen.numpy().astype(np.int64)}
     meta = {"base": base_dir.name, "inputs": f"{base_dir.name}.outputs.safetensors",
-            "logits": "adapted model, M-RoPE positions; pad rows not meaningful", "merged_logits": "after merge_and_unload()",
+            "logits": "adapted model, M-RoPE positions; pad rows not meaningful",
+            "merged_logits": "after merge_and_unload()",
             "generated_ids": "adapted model, new tokens only, greedy, eos_token_id=None",
             "greedy_min_top2_margin": f"{margin:.6f}", "max_abs_merged_minus_adapted": f"{d:.3e}"}
     save_outputs(out / "peft_lora_qwen2_5_vl.outputs.safetensors", arrays, meta)

@@ -102,7 +102,8 @@ def test_peft_lora_on_vision_and_decoder_matches_peft(golden_dir):
     base = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
     config = load_adapter(model, golden_dir / "peft_lora_qwen2_5_vl")
     assert set(config.towers) == {"visual", "language_model"}
-    assert model.visual.blocks[0].attn.qkv.adapter is not None and model.visual.blocks[2].mlp.up_proj.adapter is not None
+    assert model.visual.blocks[0].attn.qkv.adapter is not None
+    assert model.visual.blocks[2].mlp.up_proj.adapter is not None
     args = (ref["input_ids"], ref["pixel_values"], ref["image_grid_thw"], ref["attention_mask"])
     assert rel_err(model(*args), want["logits"], ref["attention_mask"]) <= 1e-4
     merge(model)

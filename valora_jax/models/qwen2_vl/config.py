@@ -149,7 +149,8 @@ def _vision_from_hf(version: str, v: dict[str, Any]) -> QwenVisionConfig:
                   spatial_merge_size=v["spatial_merge_size"], hidden_act=v["hidden_act"],
                   rope_theta=float(rope.get("rope_theta", 10000.0)))
     if version == "qwen2_vl":
-        return QwenVisionConfig(**common, hidden_size=v["embed_dim"], intermediate_size=int(v["embed_dim"] * v["mlp_ratio"]),
+        return QwenVisionConfig(**common, hidden_size=v["embed_dim"],
+                                intermediate_size=int(v["embed_dim"] * v["mlp_ratio"]),
                                 out_hidden_size=v["hidden_size"])
     return QwenVisionConfig(**common, hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
                             out_hidden_size=v["out_hidden_size"], window_size=v["window_size"],

@@ -63,7 +63,8 @@ def vision_inputs(cfg: QwenVLConfig, pixel_values, image_grid_thw, bucket: int |
         raise ValueError(f"pixel_values must be (patches, {v.patch_dim}) with {total} patches for image_grid_thw "
                          f"{grid.tolist()}, got {pixel_values.shape}")
     if (grid[:, 1:] % m).any():
-        raise ValueError(f"image_grid_thw heights and widths must be multiples of spatial_merge_size {m}: {grid.tolist()}")
+        raise ValueError(f"image_grid_thw heights and widths must be multiples of spatial_merge_size {m}: "
+                         f"{grid.tolist()}")
     bucket = patch_bucket(total) if bucket is None else bucket
     if bucket < total or bucket % unit:
         raise ValueError(f"patch bucket {bucket} must hold {total} patches and be a multiple of {unit}")
