@@ -580,7 +580,7 @@ def qwen_ids() -> dict[str, int]:
 
 def qwen_tokenizer():
     """The tiny word-level tokenizer with Qwen's vision tokens appended (ids after the tiny vocabulary)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from valora_jax.models.tiny_processor import tiny_vocab
@@ -589,11 +589,14 @@ def qwen_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        additional_special_tokens=list(QWEN_SPECIALS), extra_special_tokens={"image_token": "<|image_pad|>"},
-        padding_side="left",
+        extra_special_tokens={"image_token": "<|image_pad|>"}, padding_side="left",
     )
+    ids = tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS))
+    assert ids == [qwen_ids()[t] for t in QWEN_SPECIALS], ids
+    return tokenizer
 
 
 def qwen_image_processor():
@@ -645,6 +648,7 @@ def qwen_inputs(tokenizer, image_processor, prompts, images, image_token_id) -> 
         texts.append(parts[0] + "".join("<|image_pad|>" * next(counts) + p for p in parts[1:]))
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
     ids = tokens["input_ids"]
+    assert not (ids == tokenizer.unk_token_id).any(), "a prompt word is outside the tiny vocabulary"
     return {"input_ids": ids, "attention_mask": tokens["attention_mask"], "pixel_values": vision["pixel_values"],
             "image_grid_thw": vision["image_grid_thw"], "mm_token_type_ids": (ids == image_token_id).int()}
 
@@ -661,6 +665,8 @@ def qwen_greedy(model, inputs) -> tuple[torch.Tensor, float]:
     model.generation_config.eos_token_id = None  # else generate merges the config's eos into `gc`
     new = model.generate(**inputs, generation_config=gc)[:, prompt_len:]
     assert new.shape[1] == MAX_NEW_TOKENS, new.shape
+    # a generated vision token would be taken for an image placeholder by the naive loop's full forward
+    assert not np.isin(new.numpy(), list(qwen_ids().values())).any(), f"vision token generated (pick a seed): {new}"
     step, margin, naive = dict(inputs), float("inf"), []
     for _ in range(MAX_NEW_TOKENS):
         last = model(**step).logits.float()[:, -1]
@@ -992,7 +998,7 @@ def main(argv=None) -> int:
         build_adapters(out, mha_dir, inputs)
     if "qwen" in families:
         build_qwen(out, "qwen2_vl", seed=11)
-        qwen25_dir, qwen25_inputs = build_qwen(out, "qwen2_5_vl", seed=12)
+        qwen25_dir, qwen25_inputs = build_qwen(out, "qwen2_5_vl", seed=14)
         build_qwen_adapter(out, qwen25_dir, qwen25_inputs, seed=13)
     if keep is not None:
         readme.write_text(keep)
