@@ -1,8 +1,9 @@
 """The KV cache: preallocated to a static length, held outside the model, passed in and returned (donated).
 
 Prompts are left-padded to a common bucket length, so every row writes its next key/value at the same
-slot (`length`); `valid` marks which slots of each row hold real tokens (not padding), and `positions`
-keeps each row's next RoPE position (its count of real tokens so far).
+slot (`length`); `valid` marks which slots of each row hold real tokens (not padding), and `next_position`
+keeps each row's next RoPE position: one past the largest position of its real tokens so far (their count;
+with Qwen-VL's M-RoPE, one past the prompt's largest position plus the tokens decoded since).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from flax import nnx
 from valora_jax.config import TextConfig
 from valora_jax.kv_cache import KVCache
 from valora_jax.layers import Linear
-from valora_jax.models.llama import LlamaModel, rope_inv_freq
+from valora_jax.models.llama import LlamaModel, rope_cos_sin, rope_inv_freq
 from valora_jax.models.qwen2_vl.config import QwenVLConfig
 from valora_jax.models.qwen2_vl.inputs import VisionInputs, image_token_counts, rope_positions, vision_inputs
 from valora_jax.models.qwen2_vl.vision import VisionTransformer
@@ -36,13 +36,13 @@ class Qwen2VLTextModel(LlamaModel):
         self.pair_axis = nnx.static(tuple(int(a) for a in np.repeat(np.arange(3), mrope_section)))
 
     def rotary(self, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-        """cos/sin (b, s, head_dim) of M-RoPE positions (3, b, s) (or (b, s): text only, all axes equal), in float32."""
-        positions = jnp.broadcast_to(positions, (3, *positions.shape[-2:])).astype(jnp.float32)
-        freqs = positions[..., None] * rope_inv_freq(self.cfg.rope, self.cfg.head_dim)  # (3, b, s, head_dim / 2)
-        axis = np.asarray(self.pair_axis)
-        freqs = jnp.where(axis == 0, freqs[0], jnp.where(axis == 1, freqs[1], freqs[2]))
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+        """cos/sin (b, s, head_dim) of M-RoPE positions (3, b, s) (or (b, s): text only, all axes equal): each
+        rotary pair takes its angle from its axis (`mrope_section`), computed in float32 as transformers does."""
+        positions = jnp.broadcast_to(positions, (3, *positions.shape[-2:]))
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim), dtype)  # (3, b, s, hd)
+        axis = np.tile(self.pair_axis, 2)  # the rotate-half layout repeats the pairs
+        select = lambda t: jnp.where(axis == 0, t[0], jnp.where(axis == 1, t[1], t[2]))  # noqa: E731
+        return select(cos), select(sin)
 
 
 class Qwen2VLForConditionalGeneration(nnx.Module):

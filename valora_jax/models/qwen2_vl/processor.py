@@ -20,8 +20,11 @@ class QwenVLProcessor:
         self.image_processor = image_processor
         self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_PAD
 
-    def __call__(self, text: str | list[str], images=None, *, padding: bool = True) -> dict[str, np.ndarray]:
-        """`input_ids`, `attention_mask` (numpy), and with images `pixel_values` and `image_grid_thw`."""
+    def __call__(self, text: str | list[str], images=None, *, padding: bool = True,
+                 return_tensors: str = "np") -> dict[str, np.ndarray]:
+        """`input_ids`, `attention_mask`, and with images `pixel_values` and `image_grid_thw` (numpy arrays)."""
+        if return_tensors != "np":
+            raise ValueError(f"this processor returns numpy arrays (return_tensors='np'), not {return_tensors!r}")
         texts = [text] if isinstance(text, str) else list(text)
         out = {}
         counts = iter(())
