@@ -149,6 +149,8 @@ def test_inputs_that_do_not_fit_the_images_are_errors(loaded):
         model.generation_inputs(np.where(ids == model.config.image_token_id, 5, ids), mask, pixels, grid)
     with pytest.raises(ValueError, match="pixel_values must be"):
         model.generation_inputs(ids, mask, pixels[:-4], grid)
+    with pytest.raises(ValueError, match="videos are not supported"):
+        model.generation_inputs(np.where(ids == 9, model.config.video_token_id, ids), mask, pixels, grid)
     with pytest.raises(ValueError, match="go together"):
         model.generation_inputs(ids, mask, pixels, None)
     swapped = grid[[0, 2, 1]]  # same token total, but the second prompt's runs no longer fit their images

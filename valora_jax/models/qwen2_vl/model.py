@@ -63,9 +63,10 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         cfg = self.config
         input_ids = np.asarray(input_ids)
         is_image = input_ids == cfg.image_token_id
+        if (input_ids == cfg.video_token_id).any():
+            raise ValueError("input_ids hold <|video_pad|> tokens: videos are not supported")
         if mm_token_type_ids is not None and not np.array_equal(np.asarray(mm_token_type_ids) == 1, is_image):
-            raise ValueError("mm_token_type_ids does not mark exactly the image tokens of input_ids (videos are "
-                             "not supported)")
+            raise ValueError("mm_token_type_ids does not mark exactly the image tokens of input_ids")
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw go together: pass both or neither")
         n_tokens = int((is_image & np.asarray(attention_mask).astype(bool)).sum())
