@@ -3,7 +3,8 @@
 Prints a Markdown table (and writes JSON with `--out`): prefill tokens/s, decode tokens/s per batch
 size, and each decode step against its byte floor: (weights read per step + KV cache bytes) divided
 by a device copy bandwidth measured in the same run. Run it on an accelerator with
-`--preset llava-1.5-7b --dtype bfloat16`; on CPU the `tiny` default finishes in about a minute.
+`--preset llava-1.5-7b --dtype bfloat16` (any family's preset: `qwen2.5-vl-7b`, ...); on CPU the `tiny`
+default finishes in about a minute.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pallas_kernels.timing import copy_bandwidth
 from valora_jax.config import preset
 from valora_jax.generation import Generator, SamplingConfig
 from valora_jax.kv_cache import KVCache
-from valora_jax.models.llava import LlavaForConditionalGeneration
+from valora_jax.models.registry import build_model
 
 
 def progress(message: str, start: float = time.perf_counter()) -> None:
@@ -78,7 +79,7 @@ def decode_seconds(gen: Generator, graphdef, state, batch: int, *, prompt_len: i
     return timed(decode, lambda: (jax.tree.map(jnp.copy, cache),), repeats=repeats)
 
 
-def random_model(name: str, dtype, seed: int, *, text_layers: int | None = None) -> LlavaForConditionalGeneration:
+def random_model(name: str, dtype, seed: int, *, text_layers: int | None = None) -> nnx.Module:
     """Random weights, created eagerly on the default device (so a 7B preset never passes through host
     memory). Eager, not one jitted init: XLA constant-folds an input-free init program at compile time
     and even with the key as an input compiles it for minutes, while eager ops compile once per shape.
@@ -86,10 +87,10 @@ def random_model(name: str, dtype, seed: int, *, text_layers: int | None = None)
     cfg = preset(name)
     if text_layers:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_hidden_layers=text_layers))
-    return LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+    return build_model(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
-def decode_weight_bytes(model: LlavaForConditionalGeneration) -> int:
+def decode_weight_bytes(model: nnx.Module) -> int:
     """Bytes of the weights one decode step reads: the language model and the output head."""
     lm = nnx.state(model.language_model, nnx.Param)
     head = nnx.state(model.lm_head, nnx.Param) if model.lm_head is not None else {}
@@ -150,7 +151,8 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model preset (tiny, llava-1.5-7b, llava-1.5-13b)")
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, llava-1.5-7b, llava-1.5-13b, qwen2-vl-2b, qwen2-vl-7b, "
+                   "qwen2.5-vl-3b, qwen2.5-vl-7b)")
     p.add_argument("--dtype", default="float32", help="parameter and cache dtype (bfloat16 on accelerators)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="decode batch sizes")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens before decoding")

@@ -60,7 +60,7 @@ from pallas_kernels import batched_lora, lora_projection, resolve_backend
 from valora_jax.adapters.attach import SERIAL_HOOK, adapter_sites, module_path
 from valora_jax.adapters.config import AdapterConfig
 from valora_jax.adapters.heads import LABELS_FILE, MASKED_LOGIT, load_heads
-from valora_jax.adapters.serial_lora import QKV
+from valora_jax.adapters.serial_lora import QKV, qkv_projections
 from valora_jax.adapters.serialization import read_adapter
 from valora_jax.adapters.snella import sparse_delta_weight
 from valora_jax.layers import Linear
@@ -260,14 +260,15 @@ class AdapterPool:
                                                  max_rank=max_rank, dtype=linear.kernel.dtype,
                                                  axes=getattr(linear.kernel, "logical_axes", (None, None))))
         for path, block in self._serial.items():
-            d = block.q_proj.in_features
-            setattr(block, SERIAL_POOL_HOOK, SlotStack(d, d, slots=slots, max_rank=max_rank,
-                                                       dtype=block.q_proj.kernel.dtype, axes=("embed", "embed")))
+            first = qkv_projections(block)[0]
+            setattr(block, SERIAL_POOL_HOOK, SlotStack(first.in_features, first.in_features, slots=slots,
+                                                       max_rank=max_rank, dtype=first.kernel.dtype,
+                                                       axes=("embed", "embed")))
         self.hidden_size = model.config.text.hidden_size
         setattr(model, HEADS_HOOK, SlotHeads(self.hidden_size, slots=slots, tasks=head_tasks, labels=head_labels))
         # q/k/v Linear sites of each serial site, for the corrections of a merged Serial LoRA.
-        self._qkv_of = {path: tuple(f"{path}.{n}" for n in QKV) for path in self._serial
-                        if all(f"{path}.{n}" in self._linear for n in QKV)}
+        qkv = {path: tuple(f"{path}.{n}" for n in QKV if hasattr(block, n)) for path, block in self._serial.items()}
+        self._qkv_of = {path: names for path, names in qkv.items() if all(n in self._linear for n in names)}
         self._host: dict[str, HostAdapter] = {}
         self._slot_of: dict[str, int] = {}
         self._lru: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -523,7 +524,7 @@ class AdapterPool:
     def _merge_sites(self, adapter: HostAdapter) -> list[str]:
         sites = set(adapter.linear)
         for site in adapter.serial:
-            sites.update(f"{site}.{n}" for n in QKV)
+            sites.update(self._qkv_of[site])
         return sorted(sites)
 
     def merge(self, name: str) -> None:
