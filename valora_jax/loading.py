@@ -15,7 +15,6 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
