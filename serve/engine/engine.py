@@ -283,7 +283,8 @@ class Engine:
         images = 0 if pixels is None else len(pixels)
         sched = batching.Request(rid, request.adapter, arrival, len(ids), max_tokens, images)
         eos = self.config.eos_token_id
-        stop = frozenset(request.sampling.stop_token_ids) | (frozenset() if eos is None else {eos})
+        stop = frozenset(request.sampling.stop_token_ids) | (
+            frozenset() if eos is None or request.sampling.ignore_eos else {eos})
         seed = request.sampling.seed if request.sampling.seed is not None else np.random.randint(2**31)
         return _Work(request, RequestHandle(rid), sched, np.asarray(ids, np.int32), pixels, stop,
                      Result(id=rid, finish_reason="length", prompt_tokens=len(ids), arrival=arrival), seed=seed)
