@@ -27,6 +27,7 @@ results are read.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -56,6 +57,7 @@ from valora_jax.adapters.pool import AdapterPool
 from valora_jax.generation import bucket_length, left_pad, sample_rows
 from valora_jax.kv_cache import KVCache
 from valora_jax.models.tiny import TINY, tiny_base
+from valora_jax.sharding import shard_model
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +155,17 @@ class Engine:
     `max_num_seqs` decode slots of `max_model_len` positions each; `max_waiting` requests may wait
     before `submit` answers `EngineOverloaded`. `policy` names a `serve.policy` policy (its parameters in
     `policy_params`). `chat_template` (Jinja text) renders chat messages when the processor has none
-    of its own, or overrides it.
+    of its own, or overrides it. With a `mesh` (its model and pool sharded on it, as `from_pretrained`
+    does), every step runs under it: tensor parallel over 'model', decode slots over 'data'.
     """
 
     def __init__(self, model: nnx.Module, processor, pool: AdapterPool, *, policy: str = "valora",
                  policy_params: Mapping | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  max_waiting: int = 256, chat_template: str | None = None, served_model_name: str = "base",
-                 min_bucket: int = 16):
+                 min_bucket: int = 16, mesh=None):
         if processor is None:
             raise ValueError("the engine needs the model's processor (tokenizer and image processor)")
-        self.model, self.processor, self.pool = model, processor, pool
+        self.model, self.processor, self.pool, self.mesh = model, processor, pool, mesh
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.config = model.config
         self.policy_name = policy
@@ -204,8 +207,10 @@ class Engine:
         else:
             base, processor = load_pretrained(model, dtype=jnp.dtype(dtype), mesh=mesh)
         pool = AdapterPool(base, slots=max_loras, max_rank=max_lora_rank, backend=backend)
+        if mesh is not None:
+            shard_model(base, mesh)  # the pool's slots too, by their logical axes
         engine = cls(base, processor, pool, served_model_name=served_model_name or pathlib.Path(model).name,
-                     **kwargs)
+                     mesh=mesh, **kwargs)
         for name, path in (lora_modules or {}).items():
             engine.load_adapter(name, path)
         return engine
@@ -392,6 +397,10 @@ class Engine:
             while not self._inbox.empty():
                 self._finish(self._inbox.get(), reason, "engine shut down")
 
+    def _on_mesh(self):
+        """The engine's mesh as the active one (the model's activation constraints read it), if it has one."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def _take_inbox(self) -> None:
         while True:
             try:
@@ -401,6 +410,10 @@ class Engine:
 
     def step(self) -> None:
         """One scheduling step: plan, switch, prefill the admitted requests, decode the running ones."""
+        with self._on_mesh():
+            self._step()
+
+    def _step(self) -> None:
         self._take_inbox()
         for work in [w for w in self._waiting if w.handle.cancelled]:
             self._waiting.remove(work)

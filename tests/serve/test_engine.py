@@ -7,6 +7,7 @@ lengths, and arrivals spread over the run (the test drives `engine.step()` itsel
 pattern is the same for every policy).
 """
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -163,3 +164,19 @@ def test_cancel_frees_the_slot_and_unload_waits_for_running_requests(engine, exp
     with pytest.raises(RequestError, match="does not exist") as err:
         engine.submit(request("peft_lora_mlp", "user : what ? assistant :", None, 3))
     assert err.value.status == 404
+
+
+def test_sharded_engine_gives_one_devices_outputs(golden_dir, adapters, expected):
+    """Tensor parallel (and decode slots over data) on an 8-CPU-device mesh: the same greedy tokens."""
+    from valora_jax.sharding import make_mesh
+
+    mesh = make_mesh(data=2, model=4)
+    sharded = Engine.from_pretrained(str(golden_dir / "llava_mha"), lora_modules=adapters, max_loras=3,
+                                     max_lora_rank=8, max_num_seqs=4, max_model_len=MAX_LEN, mesh=mesh,
+                                     policy="unmerged")
+    q = sharded.model.language_model.layers[0].self_attn.q_proj
+    assert q.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert q.slots.b[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+    work = workload()[:8]
+    results = run(sharded, work)
+    assert [r.token_ids for r in results] == expected[:8]
