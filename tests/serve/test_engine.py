@@ -180,3 +180,28 @@ def test_sharded_engine_gives_one_devices_outputs(golden_dir, adapters, expected
     work = workload()[:8]
     results = run(sharded, work)
     assert [r.token_ids for r in results] == expected[:8]
+
+
+def test_stop_strings_streamed_text_and_events(engine, expected):
+    """Events carry the text incrementally and end with the Result; a stop string cuts the output there."""
+    engine.policy = make_policy("unmerged")
+    i = next(k for k, tokens in enumerate(expected) if len(tokens) >= 4)
+    _, name, prompt, image, max_tokens = workload()[i]
+    decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)
+    full = decode(expected[i])
+    handle = engine.submit(request(name, prompt, image, max_tokens))
+    while not handle.done:
+        engine.step()
+    events = list(handle)
+    assert "".join(e.text for e in events[:-1]) == full == events[-1].text
+    assert [e.token_id for e in events[:-1]] == expected[i]
+    stop = decode(expected[i][2:3]).strip()
+    cut = full[:full.find(stop)]
+    req = request(name, prompt, image, max_tokens)
+    req.sampling = SamplingParams(max_tokens=max_tokens, stop=(stop,))
+    handle = engine.submit(req)
+    while not handle.done:
+        engine.step()
+    result = handle.result(0)
+    assert result.finish_reason == "stop" and result.text == cut and stop not in result.text
+    assert result.token_ids == expected[i][:len(result.token_ids)] and len(result.token_ids) <= 3
