@@ -82,3 +82,37 @@ def test_lora_trains_only_the_adapter(golden):
     assert all(np.array_equal(base_params(model)[k], base[k]) for k in base), "base weights changed"
     grads = jax.tree.leaves(nnx.state(model, AdapterParam))
     assert grads and all(np.abs(np.asarray(g)).sum() > 0 for g in grads)
+
+
+def test_adapter_pool_serves_a_mixed_batch_on_the_decoder(golden, golden_dir, tmp_path):
+    """Qwen2.5-VL's decoder takes the pool's per-row selection: row 0 with a LoRA, row 1 with a Serial LoRA
+    equal each attached alone; an adapter on the vision tower is refused, naming the site (the patches
+    carry no row yet)."""
+    from valora_jax.adapters import save_adapter
+    from valora_jax.adapters.pool import AdapterPool
+
+    path, inputs = golden
+    mask = inputs[2]
+    alone = {}
+    for seed, (name, config) in enumerate((("lora", LORA), ("serial", SERIAL_LORA))):
+        model, _ = load_pretrained(path)
+        config = AdapterConfig(**{**config.to_json(), "towers": ("language_model",)})
+        attach(model, config, nnx.Rngs(seed))
+        randomize_adapter(model, seed=10 + seed)
+        save_adapter(model, tmp_path / name)
+        alone[name] = np.asarray(forward(model, *inputs))
+    model, _ = load_pretrained(path)
+    pool = AdapterPool(model, slots=2, max_rank=4)
+    for name in alone:
+        pool.load(name, tmp_path / name)
+    with pytest.raises(ValueError, match=r"adapter 'vision'.*visual\.blocks.*not a site of this pool"):
+        pool.load("vision", golden_dir / "peft_lora_qwen2_5_vl")
+
+    @nnx.jit
+    def pooled(model, ids, vision, mask, positions, adapters):
+        return model.logits(model.hidden_states(ids, vision, mask, positions, adapters=adapters)[0])
+
+    got = np.asarray(pooled(model, *inputs, pool.select(["lora", "serial"])))
+    for row, name in enumerate(("lora", "serial")):
+        keep = np.asarray(mask)[row:row + 1]
+        assert rel_err(got[row:row + 1], alone[name][row:row + 1], keep) <= 1e-5, name

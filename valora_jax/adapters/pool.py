@@ -229,7 +229,8 @@ def _unmerge(kernels, linear, slot):
 class AdapterPool:
     """Adapters in device slots and host memory, selected per row; see the module docstring.
 
-    `targets` limits the projection sites (PEFT's rule: a sequence of module names matches a path equal to
+    Sites lie in the model's `POOL_TOWERS` (the towers that pass the selection down: all of LLaVA's, Qwen-VL's
+    decoder). `targets` limits the projection sites (PEFT's rule: a sequence of module names matches a path equal to
     a name or ending in "." + name; a string is a regex over the whole path); by default every `Linear`
     except the output head. `serial=False` leaves out the attention-block sites of Serial LoRA. Memory:
     each projection site holds slots * R * (d_in + d_out) values of the model's dtype, each serial site
@@ -247,7 +248,9 @@ class AdapterPool:
         self.model, self.num_slots, self.max_rank = model, slots, max_rank
         self.backend, self.interpret = resolve_backend(backend), interpret
         self.restore_every = restore_every
-        modules = {module_path(p): m for p, m in nnx.iter_modules(model)}
+        towers = tuple(getattr(model, "POOL_TOWERS", ()))
+        modules = {module_path(p): m for p, m in nnx.iter_modules(model)
+                   if not towers or module_path(p).split(".")[0] in towers}
         self._linear: dict[str, Linear] = {
             path: m for path, m in modules.items()
             if isinstance(m, Linear) and not path.startswith("lm_head") and _selected(targets, path)}

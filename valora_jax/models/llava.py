@@ -34,6 +34,9 @@ class MultiModalProjector(nnx.Module):
 
 
 class LlavaForConditionalGeneration(nnx.Module):
+    # Towers whose projections take the adapter pool's per-row selection (images use their row's adapter).
+    POOL_TOWERS = ("vision_tower", "multi_modal_projector", "language_model")
+
     def __init__(self, cfg: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.vision_tower = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)

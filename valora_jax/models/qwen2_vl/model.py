@@ -48,6 +48,9 @@ class Qwen2VLTextModel(LlamaModel):
 class Qwen2VLForConditionalGeneration(nnx.Module):
     """Both versions (the vision config's `version` picks the encoder's blocks)."""
 
+    # Towers whose projections take the adapter pool's per-row selection (`AdapterPool` serves only these).
+    POOL_TOWERS = ("language_model",)
+
     def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.visual = VisionTransformer(cfg.vision, dtype=dtype, rngs=rngs)
@@ -95,21 +98,22 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         return out.astype(jnp.float32)
 
     def hidden_states(self, input_ids, pixel_values: VisionInputs | None = None, attention_mask=None,
-                      position_ids=None, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                      position_ids=None, cache: KVCache | None = None, adapters=None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed decoder hidden states (b, s, d) (and the updated cache when one is given).
 
         The jit-side entry: `pixel_values` are `VisionInputs` and `position_ids` M-RoPE positions (3, b, s),
-        both from `generation_inputs`; a decode step passes neither.
+        both from `generation_inputs`; a decode step passes neither. `adapters`, the adapter pool's per-row
+        selection, reaches the decoder only (`POOL_TOWERS`): the vision tower's patches carry no row yet.
         """
         if pixel_values is not None and (position_ids is None or jnp.ndim(position_ids) != 3):
             raise ValueError("a Qwen-VL prompt with images needs its M-RoPE position_ids (3, batch, seq): "
                              "take them from generation_inputs")
         input_ids = jnp.asarray(input_ids, jnp.int32)
         attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask)
-        return self.language_model(self.embed(input_ids, pixel_values), attention_mask, position_ids, cache)
+        return self.language_model(self.embed(input_ids, pixel_values), attention_mask, position_ids, cache, adapters)
 
     def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
-                 mm_token_type_ids=None) -> jax.Array:
+                 mm_token_type_ids=None, adapters=None) -> jax.Array:
         """Logits (batch, seq, vocab) in float32 for what the HF tokenizer and image processor return
         (`pixel_values` flattened patches (patches, patch_dim), `image_grid_thw` (images, 3)); positions
         are M-RoPE's unless `position_ids` is given."""
@@ -118,5 +122,5 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         vision, positions = self.generation_inputs(input_ids, attention_mask, pixel_values, image_grid_thw,
                                                    mm_token_type_ids)
         hidden, _ = self.hidden_states(input_ids, vision, attention_mask,
-                                       positions if position_ids is None else position_ids)
+                                       positions if position_ids is None else position_ids, adapters=adapters)
         return self.logits(hidden)
