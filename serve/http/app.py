@@ -124,6 +124,13 @@ class _API:
         self.metrics = ServerMetrics(engine)
         self.lora_paths = dict(settings.lora_paths)
         self.created = formats.now()
+        self.in_flight: set[MergedEvents] = set()
+
+    def cancel_all(self) -> None:
+        """Cancel every request in flight: each ends at the engine's next step with finish reason "abort"
+        (used at shutdown, once the grace period is over)."""
+        for events in list(self.in_flight):
+            events.cancel()
 
     # ----------------------------------------------------------------------------------------- models
     def _adapter(self, model: str | None) -> str | None:
@@ -232,24 +239,30 @@ class _API:
         model = body.model or self.engine.served_model_name
         handles = await self._submit(model, requests)
         events = MergedEvents(handles, on_result=lambda result: self.metrics.record_result(model, result))
-        stream = aiter(events)
+        self.in_flight.add(events)
+        streaming = False
         try:
+            stream = aiter(events)
             first = await anext(stream)
-        except BaseException:
-            events.cancel()
-            raise
-        if isinstance(first[1], Result) and first[1].finish_reason == "error":
-            events.cancel()
-            raise _result_error(first[1])
-        answer = _Answer(fmt, request_id, model, body.n, prompts, logprobs)
-        if body.stream:
+            if isinstance(first[1], Result) and first[1].finish_reason == "error":
+                raise _result_error(first[1])
+            answer = _Answer(fmt, request_id, model, body.n, prompts, logprobs)
+            if not body.stream:
+                return JSONResponse(await answer.whole(first, stream))
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(answer.stream(first, stream, events, include_usage),
+            streaming = True
+            return StreamingResponse(answer.stream(first, stream, self._release(events), include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            return JSONResponse(await answer.whole(first, stream))
         finally:
+            if not streaming:
+                self._release(events)()
+
+    def _release(self, events: MergedEvents):
+        """What ends a response: cancel what is left of its requests and forget them."""
+        def release() -> None:
             events.cancel()
+            self.in_flight.discard(events)
+        return release
 
     # ------------------------------------------------------------------------------------- adapters
     async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
@@ -336,7 +349,7 @@ class _Answer:
                                 usage=usage, include_usage=include_usage)
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
-    async def stream(self, first, rest: AsyncIterator, events: MergedEvents, include_usage: bool):
+    async def stream(self, first, rest: AsyncIterator, release, include_usage: bool):
         """Server-sent events: an opening chunk per choice (chat), a chunk per token, a closing chunk with
         the finish reason per choice, the usage chunk when asked, then `data: [DONE]`. A choice that fails
         after the stream began sends an error object in place of its chunks."""
@@ -369,4 +382,4 @@ class _Answer:
                 yield self._chunk([], True, self.usage())
             yield "data: [DONE]\n\n"
         finally:
-            events.cancel()
+            release()

@@ -120,6 +120,15 @@ class FakeEngine:
         self.finished: list[Result] = []
         self._thread = threading.Thread(target=self._loop, daemon=True, name="fake-engine")
 
+    @classmethod
+    def from_pretrained(cls, model: str, *, lora_modules: dict[str, str] = {}, served_model_name: str | None = None,
+                        **settings) -> FakeEngine:
+        """The engine's constructor's shape: `lora_modules` name the adapters (paths are not read)."""
+        engine = cls(adapters=tuple(lora_modules), served_model_name=served_model_name or model,
+                     **{k: v for k, v in settings.items() if k in ("max_num_seqs", "max_waiting", "max_loras", "max_model_len")})
+        engine.settings = settings
+        return engine
+
     # ----------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self._thread.start()

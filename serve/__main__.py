@@ -1,0 +1,155 @@
+"""`python -m serve`: the OpenAI-compatible server for a base model and many adapters, with vLLM's flags.
+
+    python -m serve --model tiny --lora-modules shapes=runs/default/adapters/adapter_0 --port 8000
+
+Each adapter is a model of the API (`"model": "shapes"`); the base model answers to its served name.
+Binds 127.0.0.1 unless `--host` says otherwise. SIGINT or SIGTERM stops accepting connections, lets the
+requests in flight finish for up to `--shutdown-timeout` seconds, then cancels the rest (their responses
+end with finish reason "abort") and stops the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+import uvicorn
+
+from serve.http import ServerSettings, create_app
+
+log = logging.getLogger("serve")
+
+POLICIES = ("valora", "unmerged", "dlora", "merged-fcfs")
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """vLLM's `--lora-modules` item: NAME=DIR, or JSON {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+            return str(spec["name"]), str(spec["path"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected JSON with \"name\" and \"path\" ({exc})")
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=DIR or JSON")
+    return name, path
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_argument_group("model and adapters (engine settings left unset take the engine's defaults)")
+    model.add_argument("--model", default="tiny", help="a local HF model directory, or 'tiny' (default)")
+    model.add_argument("--served-model-name", help="the base model's name in the API (default: --model)")
+    model.add_argument("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=DIR",
+                       help="adapters to serve: NAME=DIR or '{\"name\": NAME, \"path\": DIR}', one or more")
+    model.add_argument("--enable-lora", action="store_true",
+                       help="accepted for vLLM compatibility; adapters are always enabled")
+    model.add_argument("--max-loras", type=int, help="adapters resident on the device at once (engine: 8)")
+    model.add_argument("--max-lora-rank", type=int, help="largest adapter rank (engine: 64)")
+    model.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (engine: unbounded)")
+    model.add_argument("--policy", choices=POLICIES, help="orchestration policy (engine: valora)")
+    model.add_argument("--chat-template", type=pathlib.Path, help="a Jinja chat template file overriding the "
+                       "processor's")
+    model.add_argument("--max-model-len", type=int, help="context length: prompt plus output tokens")
+    model.add_argument("--max-num-seqs", type=int, help="decode slots (engine: 8)")
+    model.add_argument("--max-waiting", type=int, help="waiting requests before new ones get 429 (engine: 256)")
+    model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights and activations "
+                       "(engine: float32)")
+
+    http = p.add_argument_group("server")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"),
+                      help="require 'Authorization: Bearer KEY' on /v1 paths (default: $VLLM_API_KEY)")
+    http.add_argument("--allow-runtime-lora-updating", action="store_true",
+                      default=_truthy(os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING")),
+                      help="serve /v1/load_lora_adapter and /v1/unload_lora_adapter (also with "
+                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    http.add_argument("--allowed-local-media-path", type=pathlib.Path,
+                      help="let image_url name local files under this directory (default: data URLs only)")
+    http.add_argument("--default-max-tokens", type=int, default=16,
+                      help="output limit of a request that sets no max_tokens (default 16)")
+    http.add_argument("--shutdown-timeout", type=float, default=30.0,
+                      help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default 30)")
+    http.add_argument("--uvicorn-log-level", default="info",
+                      choices=("critical", "error", "warning", "info", "debug", "trace"))
+    return p
+
+
+ENGINE_SETTINGS = ("max_loras", "max_lora_rank", "max_cpu_loras", "policy", "max_model_len", "max_num_seqs",
+                   "max_waiting", "dtype", "served_model_name")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    lora_modules = dict(args.lora_modules)
+    if len(lora_modules) != len(args.lora_modules):
+        raise SystemExit("--lora-modules: an adapter name is given twice")
+    kwargs = {name: getattr(args, name) for name in ENGINE_SETTINGS if getattr(args, name) is not None}
+    if args.chat_template is not None:
+        kwargs["chat_template"] = str(args.chat_template)
+    return {"lora_modules": lora_modules, **kwargs}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that at shutdown the requests still running after `grace` seconds are
+    cancelled in the engine, so their responses end properly (finish reason "abort", then [DONE]) instead
+    of being cut off."""
+
+    def __init__(self, config: uvicorn.Config, *, cancel_all, grace: float):
+        super().__init__(config)
+        self.cancel_all, self.grace = cancel_all, grace
+
+    async def shutdown(self, sockets=None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.grace, self.cancel_all)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
+        raise SystemExit(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a directory")
+    from serve.engine import Engine
+
+    engine = Engine.from_pretrained(args.model, **engine_kwargs(args))
+    settings = ServerSettings(api_key=args.api_key, allow_runtime_lora_updating=args.allow_runtime_lora_updating,
+                              allowed_local_media_path=args.allowed_local_media_path,
+                              default_max_tokens=args.default_max_tokens, model_root=args.model,
+                              lora_paths=dict(args.lora_modules))
+    app = create_app(engine, settings)
+    # uvicorn's own graceful timeout is only a backstop: `_Server` cancels what is left in the engine first.
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                    lifespan="off", timeout_graceful_shutdown=round(args.shutdown_timeout) + 10),
+                     cancel_all=app.state.api.cancel_all, grace=args.shutdown_timeout)
+    # uvicorn handles SIGINT/SIGTERM while it serves and raises them again afterwards with the handlers it
+    # found; these ones only note them, so the engine is shut down below rather than the process killed.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: log.info("signal %d: shutting down", signum))
+    engine.start()
+    try:
+        log.info("serving %s with adapters [%s] on http://%s:%d", engine.served_model_name,
+                 ", ".join(engine.adapters()), args.host, args.port)
+        server.run()
+    finally:
+        engine.shutdown(cancel=True, timeout=args.shutdown_timeout)
+    log.info("stopped")
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
