@@ -92,7 +92,7 @@ def run(args) -> list[dict]:
         # A decode step's work does not depend on the cached values, only on the shapes: start from a
         # cache marked as holding a `prompt_len` prompt instead of compiling a prefill per batch size.
         cache = dataclasses.replace(
-            gen.new_cache(batch), length=jnp.int32(args.prompt_len),
+            gen.new_cache(batch), length=jnp.full((batch,), args.prompt_len, jnp.int32),
             valid=jnp.arange(gen.max_len)[None, :].repeat(batch, 0) < args.prompt_len,
             next_position=jnp.full((batch,), args.prompt_len, jnp.int32))
         logits = jnp.zeros((batch, cfg.text.vocab_size), jnp.float32)

@@ -25,8 +25,6 @@ import pathlib
 import shutil
 from collections.abc import Sequence
 
-import jax.numpy as jnp
-from flax import nnx
 
 from train.encoding import Encoder
 from train.evaluate import Evaluator
@@ -37,14 +35,10 @@ from train.tasks import Task
 from train.trainer import TrainConfig, new_learner, train_adapter
 from valora_jax import load_pretrained
 from valora_jax.adapters import AdapterConfig, count_trainable, detach, save_adapter
-from valora_jax.config import preset
-from valora_jax.models.llava import LlavaForConditionalGeneration
-from valora_jax.models.tiny_processor import tiny_processor
+from valora_jax.models.tiny import TINY, tiny_base
 
 logger = logging.getLogger(__name__)
 
-TINY = "tiny"
-BASE_SEED = 0  # the tiny base's weights: fixed, so every run adapts the same base model
 RESULT_FILE = "result.json"
 
 
@@ -67,9 +61,7 @@ class JobConfig:
 def load_base(model: str):
     """(model, processor) of `tiny` (seeded-random weights, in-memory processor) or an HF LLaVA directory."""
     if model == TINY:
-        cfg = preset(TINY)
-        base = LlavaForConditionalGeneration(cfg, dtype=jnp.float32, rngs=nnx.Rngs(BASE_SEED))
-        return base, tiny_processor(cfg.vision.image_size, cfg.vision.patch_size)
+        return tiny_base()
     base, processor = load_pretrained(model)
     if processor is None:
         raise FileNotFoundError(f"{model} has no processor files (tokenizer, image processor); training needs them")

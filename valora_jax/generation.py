@@ -49,6 +49,15 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, length: int, pad
     return ids, mask
 
 
+def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """-inf for each token once the tokens ranked above it already cover `top_p` (per row, (batch, 1))."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
+    drop_sorted = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs >= top_p
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    return jnp.where(drop, -jnp.inf, logits)
+
+
 def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Next token per row from float32 logits (batch, vocab)."""
     if cfg.temperature == 0.0:
@@ -58,13 +67,28 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
         kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if cfg.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
-        # Drop a token once the tokens ranked above it already cover top_p of the mass.
-        drop_sorted = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs >= cfg.top_p
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-        logits = jnp.where(drop, -jnp.inf, logits)
+        logits = top_p_filter(logits, cfg.top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(token, log-probability) per row, each row with its own settings and PRNG key (all (batch,)).
+
+    The serving engine's rows are different requests: temperature 0 is greedy (log-probability under
+    the unscaled distribution), top_k 0 and top_p 1 disable those filters. Log-probabilities are those
+    of the distribution sampled from.
+    """
+    greedy = temperature <= 0.0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    kth = jnp.take_along_axis(-jnp.sort(-scaled, axis=-1), jnp.clip(top_k - 1, 0, logits.shape[-1] - 1)[:, None],
+                              axis=-1)
+    filtered = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
+    filtered = jnp.where((top_p < 1.0)[:, None], top_p_filter(filtered, top_p[:, None]), filtered)
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, filtered)
+    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    logprobs = jax.nn.log_softmax(jnp.where(greedy[:, None], logits, filtered), axis=-1)
+    return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
 
 
 def prefill(graphdef, state, input_ids, pixel_values, attention_mask, cache: KVCache, adapters=None):

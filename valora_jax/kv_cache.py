@@ -1,8 +1,9 @@
 """The KV cache: preallocated to a static length, held outside the model, passed in and returned (donated).
 
-Prompts are left-padded to a common bucket length, so every row writes its next key/value at the same
-slot (`length`); `valid` marks which slots of each row hold real tokens (not padding), and `positions`
-keeps each row's next RoPE position (its count of real tokens so far).
+Each row writes its next key/value at its own slot (`length[row]`): a batch generated together is
+left-padded to one bucket length, so its rows share a length, while the serving engine's decode slots
+each hold a request of its own. `valid` marks which slots of each row hold real tokens (not padding),
+and `next_position` keeps each row's next RoPE position (its count of real tokens so far).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class KVCache:
     v: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
     valid: jax.Array  # (batch, max_len) bool
     next_position: jax.Array  # (batch,) int32: RoPE position of each row's next token
-    length: jax.Array  # () int32: slots written so far (same for every row)
+    length: jax.Array  # (batch,) int32: slots written so far in each row
 
     @classmethod
     def init(cls, cfg: TextConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
@@ -32,7 +33,7 @@ class KVCache:
             v=jnp.zeros(shape, dtype),
             valid=jnp.zeros((batch, max_len), bool),
             next_position=jnp.zeros((batch,), jnp.int32),
-            length=jnp.zeros((), jnp.int32),
+            length=jnp.zeros((batch,), jnp.int32),
         )
 
     @property

@@ -54,6 +54,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def write_rows(buffer: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
+    """buffer (b, max_len, ...) with each row's `new` (b, s, ...) written from that row's slot `at` (b,)."""
+    write = lambda row, values, start: jax.lax.dynamic_update_slice_in_dim(row, values.astype(row.dtype), start, 0)
+    return jax.vmap(write)(buffer, new, at)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -76,12 +82,8 @@ class Attention(nnx.Module):
         v = einops.rearrange(self.v_proj(qkv_in, adapters), "b s (h d) -> b s h d", h=self.num_kv_heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            at = (layer, 0, cache.length, 0, 0)
-            cache = dataclasses.replace(
-                cache,
-                k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
-                v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
-            )
+            cache = dataclasses.replace(cache, k=cache.k.at[layer].set(write_rows(cache.k[layer], k, cache.length)),
+                                        v=cache.v.at[layer].set(write_rows(cache.v[layer], v, cache.length)))
             k, v = cache.k[layer].astype(q.dtype), cache.v[layer].astype(q.dtype)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
         return self.o_proj(einops.rearrange(out, "b s h d -> b s (h d)"), adapters), cache
@@ -128,9 +130,10 @@ class LlamaModel(nnx.Module):
         """Hidden states for `inputs_embeds` (b, s, d); `adapters` is the adapter pool's per-row selection.
 
         Without a cache: causal attention among the given tokens, keys masked by `attention_mask`;
-        positions are `position_ids` or 0..s-1 (transformers' forward). With a cache: the tokens are
-        appended at slot `cache.length`, each row's positions continue from its count of real tokens
-        (transformers' generate), and the updated cache is returned.
+        positions are `position_ids` or 0..s-1 (transformers' forward). With a cache: each row's tokens are
+        appended at its own slot `cache.length[row]`, its positions continue from its count of real tokens
+        (transformers' generate), and the updated cache is returned. Rows whose `attention_mask` is False
+        write nothing valid and keep their position (an idle decode slot).
         """
         b, s, _ = inputs_embeds.shape
         attention_mask = attention_mask.astype(bool)
@@ -141,9 +144,10 @@ class LlamaModel(nnx.Module):
         else:
             positions = cache.next_position[:, None] + jnp.cumsum(attention_mask, axis=1) - 1
             positions = jnp.where(attention_mask, positions, 0)
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.length))
-            key_slots, query_slots = jnp.arange(cache.max_len), cache.length + query_slots
-        mask = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+            key_valid = write_rows(cache.valid, attention_mask, cache.length)
+            key_slots, query_slots = jnp.arange(cache.max_len), cache.length[:, None] + query_slots
+        query_slots = jnp.broadcast_to(query_slots, (b, s))
+        mask = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
         cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim), inputs_embeds.dtype)
         x = constrain(inputs_embeds, "batch", "length", "embed")
         for i, layer in enumerate(self.layers):
