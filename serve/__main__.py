@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
                        help="accepted for vLLM compatibility; adapters are always enabled")
     model.add_argument("--max-loras", type=int, help="adapters resident on the device at once (engine: 8)")
     model.add_argument("--max-lora-rank", type=int, help="largest adapter rank (engine: 64)")
-    model.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (engine: unbounded)")
+    model.add_argument("--max-cpu-loras", type=int, help="vLLM's host-memory adapter cache size; this engine "
+                       "keeps every loaded adapter in host memory, so the flag is refused when set")
     model.add_argument("--policy", choices=POLICIES, help="orchestration policy (engine: valora)")
     model.add_argument("--chat-template", type=pathlib.Path, help="a Jinja chat template file overriding the "
                        "processor's")
@@ -88,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-ENGINE_SETTINGS = ("max_loras", "max_lora_rank", "max_cpu_loras", "policy", "max_model_len", "max_num_seqs",
+ENGINE_SETTINGS = ("max_loras", "max_lora_rank", "policy", "max_model_len", "max_num_seqs",
                    "max_waiting", "dtype", "served_model_name")
 
 
@@ -96,9 +97,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     lora_modules = dict(args.lora_modules)
     if len(lora_modules) != len(args.lora_modules):
         raise SystemExit("--lora-modules: an adapter name is given twice")
+    if args.max_cpu_loras is not None:
+        raise SystemExit("--max-cpu-loras: this engine keeps every loaded adapter in host memory; leave it unset")
     kwargs = {name: getattr(args, name) for name in ENGINE_SETTINGS if getattr(args, name) is not None}
     if args.chat_template is not None:
-        kwargs["chat_template"] = str(args.chat_template)
+        try:
+            kwargs["chat_template"] = args.chat_template.read_text()
+        except OSError as exc:
+            raise SystemExit(f"--chat-template: cannot read {args.chat_template}: {exc.strerror}")
     return {"lora_modules": lora_modules, **kwargs}
 
 

@@ -151,7 +151,10 @@ class _API:
         cards = [self._card(base, self.settings.model_root or base, None)]
         for name in self.engine.adapters():
             card = self._card(name, self.lora_paths.get(name, name), base)
-            card["classify_tasks"] = list(self.engine.classify_tasks(name))
+            try:
+                card["classify_tasks"] = list(self.engine.classify_tasks(name))
+            except KeyError:  # unloaded since adapters() listed it
+                continue
             cards.append(card)
         return {"object": "list", "data": cards}
 

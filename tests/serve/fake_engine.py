@@ -1,6 +1,6 @@
 """A deterministic stand-in for `serve.engine.Engine`, for testing the HTTP layer without a model.
 
-It keeps the engine's interface (submit / handles / stats / adapters / load and unload / classify tasks)
+It keeps `serve.engine.Engine`'s interface (submit / handles / stats / adapters / load and unload / classify tasks)
 and its refusals (`RequestError` 400/404, overload 429 with `retry_after`, a dead engine 503), and runs
 a real loop thread with decode slots and a waiting queue, so running and waiting counts move. Its answers
 are a function of the request alone (adapter, rendered prompt, image sizes, seed), written out by
@@ -21,17 +21,16 @@ from PIL import Image
 from serve.engine import GenerationRequest, RequestError, RequestHandle, Result, TokenEvent
 
 
-class EngineOverloaded(RuntimeError):
-    status = 429
+class EngineOverloaded(RequestError):
+    """As `serve.engine.engine.EngineOverloaded` (not imported: that module loads JAX)."""
 
     def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
+        super().__init__(message, status=429)
         self.retry_after = retry_after
 
 
 class EngineDead(RuntimeError):
     status = 503
-    retry_after = 5.0
 
 
 @dataclasses.dataclass

@@ -313,7 +313,6 @@ def test_overload_is_429_with_retry_after_and_a_dead_engine_503(media_dir):
         assert httpx.get(server.url + "/health").status_code == 503
         dead = post(server, "/v1/completions", {"model": "a", "prompt": "x"})
         assert_error(dead, 503, "died")
-        assert dead.headers["Retry-After"] == "5"
 
 
 def test_a_request_failing_in_the_engine_mid_stream_ends_with_an_error_event(media_dir):

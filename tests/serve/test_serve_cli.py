@@ -43,18 +43,25 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_vllm_flags_reach_the_engine():
+def test_vllm_flags_reach_the_engine(tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
     args = parser().parse_args([
         "--model", "tiny", "--served-model-name", "base", "--lora-modules", "a=/adapters/a",
         '{"name": "b", "path": "/adapters/b", "base_model_name": "base"}', "--max-loras", "4",
-        "--max-lora-rank", "16", "--max-cpu-loras", "6", "--policy", "dlora", "--chat-template", "t.jinja",
+        "--max-lora-rank", "16", "--policy", "dlora", "--chat-template", str(template),
         "--max-model-len", "512", "--max-num-seqs", "3", "--enable-lora"])
     assert engine_kwargs(args) == {
         "lora_modules": {"a": "/adapters/a", "b": "/adapters/b"}, "served_model_name": "base", "max_loras": 4,
-        "max_lora_rank": 16, "max_cpu_loras": 6, "policy": "dlora", "chat_template": "t.jinja",
+        "max_lora_rank": 16, "policy": "dlora", "chat_template": "{{ messages }}",
         "max_model_len": 512, "max_num_seqs": 3}
     assert args.host == "127.0.0.1" and args.port == 8000
     assert engine_kwargs(parser().parse_args([])) == {"lora_modules": {}}
+    for flags, message in ((["--max-cpu-loras", "4"], "host memory"),
+                           (["--chat-template", str(tmp_path / "missing")], "cannot read"),
+                           (["--lora-modules", "a=/x", "a=/y"], "twice")):
+        with pytest.raises(SystemExit, match=message):
+            engine_kwargs(parser().parse_args(flags))
 
 
 @pytest.mark.parametrize("bad", ["noequals", "=dir", '{"name": "x"}'])
