@@ -24,6 +24,7 @@ import openai
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from safetensors.numpy import load_file, save_file
 
 from serve.engine import Engine, GenerationRequest, SamplingParams
 from serve.http import ServerSettings, create_app
@@ -140,13 +141,18 @@ def test_load_use_unload_then_404(client, server, tmp_path):
     missing = httpx.post(server.url + "/v1/load_lora_adapter",
                          json={"lora_name": "ghost", "lora_path": str(tmp_path / "none")}, timeout=60)
     assert missing.status_code == 404 and "'ghost'" in missing.json()["error"]["message"], missing.text
-    broken = tmp_path / "broken"
+    broken, misfit = tmp_path / "broken", tmp_path / "misfit"
     shutil.copytree(ADAPTERS["lora"], broken)
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    response = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "broken",
-                                                                      "lora_path": str(broken)}, timeout=60)
-    assert response.status_code == 400, response.text
-    assert "broken" not in {card.id for card in client.models.list().data}
+    shutil.copytree(ADAPTERS["lora"], misfit)  # every lora_A 8 inputs wider than the base's projection
+    tensors = load_file(misfit / "adapter_model.safetensors")
+    save_file({k: np.zeros((v.shape[0], v.shape[1] + 8), v.dtype) if "lora_A" in k else v
+               for k, v in tensors.items()}, misfit / "adapter_model.safetensors")
+    for name, path, needle in (("broken", broken, "broken"), ("misfit", misfit, "expected")):
+        response = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                              timeout=60)
+        assert response.status_code == 400 and needle in response.json()["error"]["message"], response.text
+    assert {card.id for card in client.models.list().data} == set(MODELS)
 
     loaded = httpx.post(server.url + "/v1/load_lora_adapter",
                         json={"lora_name": "again", "lora_path": ADAPTERS["lora"]}, timeout=60)
