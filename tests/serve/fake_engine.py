@@ -1,8 +1,8 @@
 """A deterministic stand-in for `serve.engine.Engine`, for testing the HTTP layer without a model.
 
-It keeps `serve.engine.Engine`'s interface (submit / handles / stats / adapters / load and unload / classify tasks)
-and its refusals (`RequestError` 400/404, overload 429 with `retry_after`, a dead engine 503), and runs
-a real loop thread with decode slots and a waiting queue, so running and waiting counts move. Its answers
+It keeps `serve.engine.Engine`'s interface (submit / handles / stats / adapters / load and unload /
+classify tasks) and raises the engine's own refusals (`RequestError` 400/404, `EngineOverloaded` 429
+with `retry_after`, `EngineDead` 503), and runs a real loop thread with decode slots and a waiting queue, so running and waiting counts move. Its answers
 are a function of the request alone (adapter, rendered prompt, image sizes, seed), written out by
 `expected_tokens`, so a test knows each request's answer without the server.
 """
@@ -19,34 +19,7 @@ import time
 from PIL import Image
 
 from serve.engine import GenerationRequest, RequestError, RequestHandle, Result, TokenEvent
-
-
-class EngineOverloaded(RequestError):
-    """As `serve.engine.engine.EngineOverloaded` (not imported: that module loads JAX)."""
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message, status=429)
-        self.retry_after = retry_after
-
-
-class EngineDead(RuntimeError):
-    status = 503
-
-
-@dataclasses.dataclass
-class FakeStats:
-    running: int
-    waiting: int
-    kv_usage: float
-    max_loras: int
-    loaded_adapters: list[str]
-    running_adapters: list[str]
-    waiting_adapters: list[str]
-    mode: str
-    merged: str | None
-    switches: int
-    healthy: bool
-
+from serve.engine.engine import EngineDead, EngineOverloaded, EngineStats
 
 CLASSIFY_TASKS = {"a": ["colour"], "b": []}
 
@@ -263,12 +236,12 @@ class FakeEngine:
             raise RequestError(f"adapter {name!r} is not loaded", status=404)
         del self._adapters[name]
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         with self._lock:
             running = sorted({e.request.adapter for e in self._running if e.request.adapter})
             waiting = sorted({e.request.adapter for e in self._waiting if e.request.adapter})
-            return FakeStats(running=len(self._running), waiting=len(self._waiting),
-                             kv_usage=len(self._running) / self.max_num_seqs, max_loras=self.max_loras,
-                             loaded_adapters=list(self._adapters), running_adapters=running,
-                             waiting_adapters=waiting, mode="unmerged", merged=None, switches=0,
-                             healthy=not self._dead)
+            return EngineStats(running=len(self._running), waiting=len(self._waiting),
+                               kv_usage=len(self._running) / self.max_num_seqs, max_loras=self.max_loras,
+                               loaded_adapters=list(self._adapters), running_adapters=running,
+                               waiting_adapters=waiting, mode="unmerged", merged=None, switches=0,
+                               healthy=not self._dead)

@@ -20,7 +20,9 @@ class LiveServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off"))
+        # log_config=None: uvicorn's own logging setup would close the handlers already installed (absl's,
+        # once jax is imported, closes the stream it holds: pytest's capture file).
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off", log_config=None))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -31,7 +31,8 @@ from serve.http import ServerSettings, create_app
 from tests.serve.live_server import LiveServer
 from tests.serve.test_serve_cli import ROOT, free_port
 
-pytestmark = pytest.mark.slow
+# One engine for the module, in one xdist worker: its compilations are the module's cost.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("http_live")]
 
 MODEL = ROOT / "tests/golden/llava_mha"
 ADAPTERS = {"lora": str(ROOT / "tests/golden/peft_lora"), "lora_mlp": str(ROOT / "tests/golden/peft_lora_mlp")}
@@ -167,12 +168,21 @@ def test_load_use_unload_then_404(client, server, tmp_path):
         client.chat.completions.create(model="again", messages=openai_messages(0))
 
 
-def test_metrics_count_what_ran(server):
-    text = httpx.get(server.url + "/metrics").text
-    families = {f.name: f.samples for f in text_string_to_metric_families(text)}
-    done = sum(s.value for s in families["valora:requests"] if s.name == "valora:requests_total"
-               and s.labels["model"] == "lora_mlp" and s.labels["outcome"] in ("stop", "length"))
-    assert done >= 5
+def scrape(server) -> dict[str, list]:
+    return {f.name: f.samples for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+
+
+def finished(families, model: str) -> float:
+    return sum(s.value for s in families["valora:requests"] if s.name == "valora:requests_total"
+               and s.labels["model"] == model and s.labels["outcome"] in ("stop", "length"))
+
+
+def test_metrics_count_what_ran(client, server):
+    before = scrape(server)
+    client.chat.completions.create(model="lora_mlp", messages=openai_messages(1), temperature=0,
+                                   max_tokens=MAX_TOKENS)
+    families = scrape(server)
+    assert finished(families, "lora_mlp") == finished(before, "lora_mlp") + 1
     (info,) = families["vllm:lora_requests_info"]
     assert info.labels["max_lora"] == "8"
     assert [s.value for s in families["valora:loaded_adapters"]] == [2]
