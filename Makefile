@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml requirements.lock scripts/find_python312.sh
 
 venv: $(STAMP)
 
+# The training job on the embedded default (runs/default, replaced on each run), then its adapters served
+# on the validation examples in one mixed-adapter serve.batch run, scored beside the training report.
+DEMO := runs/default
 demo: $(STAMP)
-	$(PY) -m train
+	$(PY) -m train --out $(DEMO) --overwrite
+	$(PY) -m serve.batch --model tiny --lora-modules $$(cat $(DEMO)/served/lora_modules.txt) \
+		-i $(DEMO)/served/requests.jsonl -o $(DEMO)/served/responses.jsonl
+	$(PY) -m train.served $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
@@ -29,8 +35,12 @@ $(REF_VENV)/.installed: scripts/reference-requirements.txt
 	$(REF_VENV)/bin/python -m pip install --quiet -r scripts/reference-requirements.txt
 	@touch $@
 
-golden: $(REF_VENV)/.installed
+# Then the reverse direction: the adapter `save_adapter` writes (tests/adapters/jax_saved_lora.py, in .venv),
+# loaded into PEFT, which records its logits for the tests to compare with.
+golden: $(REF_VENV)/.installed $(STAMP)
 	$(REF_VENV)/bin/python scripts/make_golden.py --out tests/golden
+	$(PY) tests/adapters/jax_saved_lora.py
+	$(REF_VENV)/bin/python scripts/make_golden.py --out tests/golden --saved-adapter jax_saved_lora
 
 bench: $(STAMP)
 	$(PY) -m pallas_kernels.bench

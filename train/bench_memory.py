@@ -46,13 +46,14 @@ def build(cfg, mode: str, dtype, rank: int):
     return nnx.eval_shape(make)
 
 
-def train_step(graphdef, tx):
+def train_step(graphdef, tx, wrt):
     def step(trained, frozen, opt_state, ids, pixels, mask):
-        def loss_fn(trained):
-            logits = nnx.merge(graphdef, trained, frozen)(ids, pixels, mask)[:, :-1]
+        def loss_fn(model):
+            logits = model(ids, pixels, mask)[:, :-1]
             return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
 
-        loss, grads = jax.value_and_grad(loss_fn)(trained)
+        # Merged outside the gradient so adapter dropout (an RNG stream) may advance inside it.
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(nnx.merge(graphdef, trained, frozen))
         updates, opt_state = tx.update(grads, opt_state, trained)
         return optax.apply_updates(trained, updates), opt_state, loss
 
@@ -72,7 +73,7 @@ def measure(cfg, mode: str, dtype, batch: int, text_len: int, rank: int) -> dict
     graphdef, trained, frozen = nnx.split(model, wrt, ...)
     tx = optax.adamw(1e-3, weight_decay=1e-4)
     opt_state = jax.eval_shape(tx.init, trained)
-    step = train_step(graphdef, tx)
+    step = train_step(graphdef, tx, wrt)
     n_trained = sum(x.size for x in jax.tree.leaves(trained))
     result = {"mode": mode, "trained_params": int(n_trained), "platform": jax.devices()[0].platform}
     stats = jax.devices()[0].memory_stats()

@@ -1,13 +1,25 @@
-"""Command line of `python -m train`: flags -> JobConfig. `python -m train --help` documents every flag."""
+"""Command line of `python -m train`: flags -> JobConfig. `python -m train --help` documents every flag.
+
+With `--resume` the settings come from the run folder's record (train.run_folder), so
+`python -m train --out X --resume` needs no other flag; a flag given anyway must equal the recorded
+value, and one that differs is a usage error naming it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import pathlib
+from typing import Any
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from train.data import DataError
+from train.encoding import AnswerError
 from train.run import TINY, JobConfig
-from train.task_config import DEFAULT_TASKS_FILE
+from train.run_folder import RECORD_FILE, RunFolderError, read_record
+from train.task_config import DEFAULT_TASKS_FILE, TaskConfigError
 from train.trainer import TrainConfig
 from valora_jax.adapters import AdapterConfig, SnellaConfig
 
@@ -19,6 +31,9 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
                    "out_proj", "fc1", "fc2",  # CLIP layers (q/k/v shared with the decoder's names)
                    "linear_1", "linear_2")  # projector
 SERIAL_TARGETS = ("self_attn",)
+NOT_RECORDED = ("out", "resume", "overwrite")  # where and how to run, not what: never part of run.json
+# Problems with the user's input: printed as one message, not a traceback.
+INPUT_ERRORS = (RunFolderError, TaskConfigError, DataError, AnswerError, FileNotFoundError)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,8 +60,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                    help="output folder: adapters/, report.json, report.md, accuracy.png, metrics.jsonl, checkpoints")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out: reuse finished trainings, resume an unfinished one from its "
-                        "latest checkpoint (without it, earlier results in --out are discarded)")
+                   help=f"continue the run in --out with the settings recorded in its {RECORD_FILE} (no other flag "
+                        "needed; one given must match): reuse finished trainings, resume an unfinished one from its "
+                        "latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (deleted once the new run's task file, data and model have "
+                        "loaded); without it such a folder is refused")
     p.add_argument("--seed", type=int, default=defaults.seed,
                    help="seed of the data (embedded tasks, shuffling) and of adapter initialisation")
     p.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per adapter training")
@@ -80,19 +99,65 @@ def job_config(args: argparse.Namespace) -> JobConfig:
                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
                         checkpoint_every=args.checkpoint_every, seed=args.seed,
                         data_parallel=args.data_parallel)
-    return JobConfig(out=args.out, model=args.model, tasks=args.tasks, adapter=adapter_config(args), train=train,
-                     eval_batch_size=args.eval_batch_size, order=tuple(args.order) if args.order else None,
-                     resume=args.resume)
+    return JobConfig(out=args.out, model=args.model, tasks=pathlib.Path(args.tasks), adapter=adapter_config(args),
+                     train=train, eval_batch_size=args.eval_batch_size,
+                     order=tuple(args.order) if args.order else None, resume=args.resume,
+                     overwrite=args.overwrite, flags=recorded_flags(args))
+
+
+def recorded_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of `args` as run.json records them: JSON values, paths absolute."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
+    flags["tasks"] = str(pathlib.Path(flags["tasks"]).resolve())
+    if flags["model"] != TINY:
+        flags["model"] = str(pathlib.Path(flags["model"]).resolve())
+    return flags
+
+
+def given_flags(cli: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations of the flags `argv` names (argparse fills only destinations absent from the namespace)."""
+    unset = object()
+    probe = argparse.Namespace(**{action.dest: unset for action in cli._actions})
+    return {dest for dest, value in vars(cli.parse_args(argv, probe)).items() if value is not unset}
+
+
+def resumed_args(cli: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None):
+    """(the recorded settings of the run in --out as parsed flags, the task file text); a given flag that
+    differs from its recorded value is a usage error naming it."""
+    record = read_record(args.out)
+    recorded, given = record["flags"], recorded_flags(args)
+    missing = sorted(set(given) - set(recorded))
+    if missing:
+        raise RunFolderError(f"--resume: {args.out / RECORD_FILE} lacks the settings {', '.join(missing)} "
+                             "(not written by this version of python -m train)")
+    for dest in sorted(given_flags(cli, argv) & set(recorded)):
+        if given[dest] != recorded[dest]:
+            flag = "--" + dest.replace("_", "-")
+            cli.error(f"{flag} {given[dest]} conflicts with the run being resumed in {args.out} ({flag} "
+                      f"{recorded[dest]}, recorded in {args.out / RECORD_FILE}); drop it to resume as recorded")
+    return argparse.Namespace(**{**vars(args), **recorded}), record["tasks_text"]
 
 
 def main(argv: list[str] | None = None) -> None:
     cli = parser()
     args = cli.parse_args(argv)
+    if args.resume and args.overwrite:
+        cli.error("--resume continues the run in --out and --overwrite replaces it: give one")
+    # Importing Orbax has already configured the root logger, so only force=True applies this. The job's
+    # own modules log at INFO (progress, scores, reuse); other libraries only warnings (Orbax is chatty).
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("train").setLevel(logging.INFO)
     try:
-        config = job_config(args)
-    except ValueError as error:  # a flag's value out of range: a usage error, not a traceback
-        cli.error(str(error))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from train.run import run
+        tasks_text = None
+        if args.resume:
+            args, tasks_text = resumed_args(cli, args, argv)
+        try:
+            config = job_config(args)
+        except ValueError as error:  # a flag's value out of range: a usage error, not a traceback
+            cli.error(str(error))
+        from train.run import run
 
-    run(config)
+        with logging_redirect_tqdm():  # log lines print above the progress bar instead of through it
+            run(dataclasses.replace(config, tasks_text=tasks_text))
+    except INPUT_ERRORS as error:
+        raise SystemExit(f"error: {error}") from None

@@ -6,8 +6,10 @@ Accepted rows (one JSON object a line; blank lines are ignored):
     {"image": "a.jpg", "label": "cat"}
 A conversation row gives its own prompt (the first human turn, `<image>` removed) and answer (the
 gpt turn after it); later turns are ignored. A label row uses the task's prompt and the label as
-answer. Real data is messy, so a bad row is skipped rather than fatal: each skip is counted by
-reason and the first few are named with their line number. A file with no usable row is an error.
+answer. For a classify task the answer must name one of the task's labels, ignoring case and
+punctuation (`train.tasks.label_index`); the example's answer is then that label as the task spells
+it. Real data is messy, so a bad row is skipped rather than fatal: each skip is counted by reason and
+the first few are named with their line number. A file with no usable row is an error.
 Images are decoded once here to find undecodable ones, then again when the pipeline reads them,
 so that a large data set never has to sit in memory.
 """
@@ -24,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from train.tasks import Example
+from train.tasks import Example, label_index
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +117,10 @@ def _parse_row(line: str, *, head: str, labels: tuple[str, ...], root: pathlib.P
         raise _Skip("empty answer", "the answer is empty")
     label = -1
     if head == "classify":
-        if answer not in labels:
+        label = label_index(labels, answer)
+        if label < 0:
             raise _Skip("unknown label", repr(answer))
-        label = labels.index(answer)
+        answer = labels[label]
     return Example(_checked_image(row.get("image"), root), answer, label, prompt)
 
 

@@ -5,18 +5,32 @@ processor. lm rows append the answer tokens and EOS, which are the only position
 classify rows stop after the prompt, and their head reads the last position. Rows are left-padded to a
 fixed length, so the jitted step sees one shape, and carry positions counted from their first real
 token, as generation assigns them, so what is trained is what is decoded.
+
+An answer is usable only if the tokenizer represents it: a word it maps to an unknown token trains to a
+tiny loss on `<unk>` and can never be decoded, so `Encoder.check_answers` rejects such lm tasks before
+training and warns about such classify labels (a word-level vocabulary such as the `tiny` preset's is
+where this happens).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 
+from train.metrics import normalize_answer
 from train.tasks import Task
 
+logger = logging.getLogger(__name__)
+
 PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+NAMED_WORDS = 10  # unrepresentable words an error names per task
+
+
+class AnswerError(ValueError):
+    """Answers of a task that the tokenizer cannot represent."""
 
 
 def chat_prompt(prompt: str) -> str:
@@ -67,6 +81,39 @@ class Encoder:
                              return_tensors="np")
         ids = [[int(i) for i in row[mask.astype(bool)]] for row, mask in zip(out["input_ids"], out["attention_mask"])]
         return ids, np.asarray(out["pixel_values"], np.float32)
+
+    def unrepresentable(self, text: str) -> list[str]:
+        """Words of `text` that do not survive encoding and decoding (compared as the metrics compare)."""
+        tokenizer = self.processor.tokenizer
+        bad = []
+        for word in text.split():
+            ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            if normalize_answer(tokenizer.decode(ids, skip_special_tokens=True)) != normalize_answer(word):
+                bad.append(word)
+        return bad
+
+    def check_answers(self, tasks: Sequence[Task]) -> None:
+        """Raise AnswerError naming each lm task and the words of its answers the tokenizer cannot represent.
+
+        A classify task answers through its head, so unrepresentable label names only cost the base model's
+        score (it answers in text and could never match them): a warning names them.
+        """
+        problems = []
+        for task in tasks:
+            texts = task.labels if task.head == "classify" else {ex.answer for ex in (*task.train, *task.val)}
+            words = sorted({word for text in texts for word in self.unrepresentable(text)})
+            if not words:
+                continue
+            more = f" and {len(words) - NAMED_WORDS} more" if len(words) > NAMED_WORDS else ""
+            named = f"task {task.name!r}: {', '.join(map(repr, words[:NAMED_WORDS]))}{more}"
+            if task.head == "lm":
+                problems.append(named)
+            else:
+                logger.warning("%s: label words the tokenizer cannot represent; the base model's text answers can "
+                               "never match them, so its score for the task is 0", named)
+        if problems:
+            raise AnswerError("answers the tokenizer cannot represent (they would train on <unk> and never be "
+                              "decoded; use the tokenizer's words or another model):\n  " + "\n  ".join(problems))
 
     def answer_ids(self, answer: str) -> list[int]:
         ids = self.processor.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]

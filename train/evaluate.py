@@ -2,9 +2,10 @@
 
 Classify tasks with a trained head answer in one forward pass: argmax of the head on the last
 token's hidden state. Everything else answers in text: greedy decoding with `Generator`, stopped at
-EOS, special tokens skipped; for a classify task without a head (the base model), the text must be
-one of the task's label names to count. Validation batches have a fixed size (the last one padded by
-repeating its final row, the padding dropped afterwards), so each program compiles once.
+EOS, special tokens skipped; for a classify task without a head (the base model), the text must
+name one of the task's labels (`train.tasks.label_index`: case and punctuation ignored) to count.
+Validation batches have a fixed size (the last one padded by repeating its final row, the padding
+dropped afterwards), so each program compiles once.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flax import nnx
 
 from train.encoding import Encoder
 from train.pipeline import eval_dataset
-from train.tasks import Task
+from train.tasks import Task, label_index
 from valora_jax.generation import Generator, bucket_length
 
 
@@ -77,7 +78,7 @@ class Evaluator:
             return task.score(self.head_answers(learner, task))
         answers = self.text_answers(model, task)
         if task.head == "classify":
-            return task.score([task.labels.index(a) if a in task.labels else -1 for a in answers])
+            return task.score([label_index(task.labels, a) for a in answers])
         return task.score(answers)
 
     def scores(self, tasks: Sequence[Task], model: nnx.Module, learner=None) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """What `python -m train` leaves behind: report.json, report.md, accuracy.png and metrics.jsonl.
 
-The report answers: which adapter serves each task, how much it gained over the base model, and
-whether it meets its requirement. metrics.jsonl is appended during training (one JSON object a
-line), so a crashed or resumed run keeps its history and any tool can tail it.
+The report answers: which adapter serves each task, how much it gained over the base model, whether
+it meets its requirement, and how many of its data rows were skipped (per reason; train.data).
+metrics.jsonl is appended during training (one JSON object a line), so a crashed or resumed run keeps
+its history and any tool can tail it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from train.fusion import FusionResult
+from train.run_folder import write_json
 from train.tasks import Task
 
 
@@ -29,6 +31,11 @@ class TaskRow:
     adapter_score: float
     adapter: str
     met: bool
+    skipped_rows: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> rows skipped
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped_rows.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +89,7 @@ def build_report(
         score = adapter.scores[task.name]
         rows.append(
             TaskRow(task.name, task.metric, task.requirement, float(base_scores[task.name]), score,
-                    adapter.name, score >= task.requirement)
+                    adapter.name, score >= task.requirement, dict(task.skipped))
         )
     adapters = tuple(
         AdapterRow(a.name, a.tasks, kind, rank, int(trainable_parameters[a.name])) for a in fusion.adapters
@@ -90,21 +97,25 @@ def build_report(
     return Report(tuple(rows), adapters, dict(fusion.cannot_meet))
 
 
-_COLUMNS = ("task", "metric", "requirement", "base", "adapter score", "adapter", "met")
+_COLUMNS = ("task", "metric", "requirement", "base", "adapter score", "adapter", "met", "skipped rows")
 
 
 def _cells(row: TaskRow) -> tuple[str, ...]:
     return (row.name, row.metric, f"{row.requirement:.2f}", f"{row.base_score:.3f}", f"{row.adapter_score:.3f}",
-            row.adapter, "yes" if row.met else "no")
+            row.adapter, "yes" if row.met else "no", str(row.skipped_total))
 
 
 def markdown(report: Report) -> str:
-    """The task table as Markdown, then the summary line."""
+    """The task table as Markdown, the adapters, the skipped rows by reason, then the summary line."""
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.tasks]
     adapters = [f"- {a.name} ({a.kind}, rank {a.rank}, {a.trainable_parameters:,} trainable parameters): "
                 f"{', '.join(a.tasks)}" for a in report.adapters]
-    return "\n".join(["# Adapter report", "", *lines, "", *adapters, "", report.summary, ""])
+    skipped = [f"- {row.name}: skipped " + ", ".join(f"{n} {reason}" for reason, n in row.skipped_rows.items())
+               for row in report.tasks if row.skipped_total]
+    if skipped:
+        skipped = ["Data rows skipped:", "", *skipped, ""]
+    return "\n".join(["# Adapter report", "", *lines, "", *adapters, "", *skipped, report.summary, ""])
 
 
 def plot_accuracy(report: Report, path: str | pathlib.Path) -> None:
@@ -132,7 +143,7 @@ def write_report(report: Report, out_dir: str | pathlib.Path) -> dict[str, pathl
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "accuracy.png"}
-    paths["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_json(paths["json"], report.to_json())
     paths["markdown"].write_text(markdown(report), encoding="utf-8")
     plot_accuracy(report, paths["plot"])
     return paths

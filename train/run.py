@@ -4,7 +4,12 @@ Steps: load the base model and its processor, build the tasks, score the base mo
 fusion (train.fusion) with a fresh adapter trained per candidate group, copy each accepted group's
 adapter to `<out>/adapters/<name>`, write the report.
 
+Before `--out` is touched, the task file is validated, the data read, the model loaded and the answers
+checked against its tokenizer (train.run_folder: a folder holding a run is refused unless --resume or
+--overwrite; with --overwrite the previous run is deleted only then).
+
 Layout of `--out`:
+    run.json                    the settings and task file the run started with (what --resume reads)
     base_scores.json            the base model's scores (kept for --resume)
     trainings/<group>/          one per group trained: checkpoints/ (Orbax), adapter/ (save_adapter +
                                 head.safetensors/head.json), result.json (scores, trainable parameters)
@@ -12,8 +17,8 @@ Layout of `--out`:
     metrics.jsonl, report.json, report.md, accuracy.png
 
 `--resume` reuses every finished training (its result.json) and continues an unfinished one from its
-latest checkpoint; because fusion is deterministic given the scores, the resumed job retraces the same
-path and ends with the same adapters. Without it, earlier results in `--out` are discarded.
+latest checkpoint, and logs which; because fusion is deterministic given the scores, the resumed job
+retraces the same path and ends with the same adapters.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ import json
 import logging
 import pathlib
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 from train.encoding import Encoder
 from train.evaluate import Evaluator
 from train.fusion import FusionResult, fuse_tasks
 from train.report import MetricsLog, Report, build_report, print_report, write_report
-from train.task_config import DEFAULT_TASKS_FILE, load_tasks
+from train.run_folder import check_usable, clear, previous_run, write_json, write_record
+from train.served import LORA_MODULES, REQUESTS, RESPONSES, write_requests
+from train.task_config import DEFAULT_TASKS_FILE, TaskConfigError, build_task, load_task_specs
 from train.tasks import Task
 from train.trainer import TrainConfig, new_learner, train_adapter
 from valora_jax import load_pretrained
@@ -52,6 +60,9 @@ class JobConfig:
     eval_batch_size: int = 50
     order: tuple[str, ...] | None = None
     resume: bool = False
+    overwrite: bool = False
+    flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the settings run.json records
+    tasks_text: str | None = None  # the task file's content; None: read `tasks`
 
     def __post_init__(self):
         if self.eval_batch_size < 1:
@@ -78,26 +89,35 @@ class Job:
     def __init__(self, config: JobConfig):
         self.config = config
         self.out = config.out
-        if not config.resume:
-            for stale in ("trainings", "adapters", "base_scores.json", "metrics.jsonl"):
-                path = self.out / stale
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_usable(self.out, resume=config.resume, overwrite=config.overwrite)
+        try:
+            tasks_text = config.tasks.read_text(encoding="utf-8") if config.tasks_text is None else config.tasks_text
+        except OSError as error:
+            raise TaskConfigError(f"{config.tasks}: cannot read task file: {error}") from None
+        specs = load_task_specs(config.tasks, tasks_text)  # a typo fails here, before the model or any data loads
         self.model, processor = load_base(config.model)
         cfg = self.model.config
         self.image_size = cfg.vision.image_size
-        self.tasks = load_tasks(config.tasks, image_size=self.image_size, seed=config.train.seed)
+        self.tasks = [build_task(spec, image_size=self.image_size, seed=config.train.seed) for spec in specs]
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self.encoder = Encoder(processor, cfg.eos_token_id, pad).fitted(self.tasks)
+        self.encoder.check_answers(self.tasks)
         self.evaluator = Evaluator(self.encoder, image_size=self.image_size, batch_size=config.eval_batch_size)
+        if not config.resume:  # everything loaded: the run starts here
+            if config.overwrite and previous_run(self.out):
+                logger.warning("--overwrite: deleting the previous run in %s", self.out)
+                clear(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_record(self.out, config.flags, config.tasks.resolve(), tasks_text)
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
 
     def base_scores(self) -> dict[str, float]:
         path = self.out / "base_scores.json"
         if path.exists():
+            logger.info("reusing the base model's scores in %s", path)
             return json.loads(path.read_text())
         scores = self.evaluator.scores(self.tasks, self.model)
-        path.write_text(json.dumps(scores, indent=2) + "\n")
+        write_json(path, scores)
         return scores
 
     def training_dir(self, group: Sequence[Task]) -> pathlib.Path:
@@ -114,6 +134,7 @@ class Job:
         directory = self.training_dir(group)
         result_path = directory / RESULT_FILE
         if result_path.exists():
+            logger.info("%s: reusing the finished training in %s", group_key(group), directory)
             return json.loads(result_path.read_text())["scores"]
         config = self.config
         warm_start = self.training_dir(group[:-1]) / "adapter" if len(group) > 1 else None
@@ -136,7 +157,7 @@ class Job:
         finally:
             detach(self.model)
         logger.info("%s: %s", group_key(group), ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        result_path.write_text(json.dumps({"scores": scores, "trainable_parameters": trainable}, indent=2) + "\n")
+        write_json(result_path, {"scores": scores, "trainable_parameters": trainable})
         return scores
 
     def publish(self, fusion: FusionResult) -> dict[str, int]:
@@ -155,7 +176,12 @@ class Job:
         report = build_report(self.tasks, base, fusion, kind=self.config.adapter.kind, rank=self.config.adapter.rank,
                               trainable_parameters=self.publish(fusion))
         write_report(report, self.out)
+        served = write_requests(self.out, self.tasks, report, image_size=self.image_size,
+                                max_tokens=self.encoder.answer_window)
         print_report(report)
+        logger.info("to serve the adapters on the validation examples: python -m serve.batch --model %s "
+                    "--lora-modules %s -i %s -o %s; then python -m train.served %s", self.config.model,
+                    (served / LORA_MODULES).read_text().strip(), served / REQUESTS, served / RESPONSES, self.out)
         return report
 
 

@@ -46,7 +46,9 @@ def loss_fn(learner: Learner, batch: dict, answer_window: int) -> jax.Array:
     return jnp.mean(row_loss)
 
 
-TRAINED = nnx.Any(AdapterParam, AdapterState, nnx.OptState)  # what a step changes: adapter, heads, optimizer
+# What a step changes: adapter, heads, optimizer, and the adapter dropout streams' counters (so each step
+# draws new masks; left in the frozen part, every step would replay the first step's masks).
+TRAINED = nnx.Any(AdapterParam, AdapterState, nnx.OptState, nnx.RngCount)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5), donate_argnums=1)

@@ -14,7 +14,7 @@
         metric: accuracy              # accuracy | iou@0.5 (lm only); default accuracy
         requirement: 0.9
         prompt: what bird is this ?   # for label rows; conversation rows carry their own
-        labels: [sparrow, robin]      # classify only
+        labels: [sparrow, robin]      # classify only; rows match them ignoring case and punctuation
         val_fraction: 0.2             # or val_path: a separate JSONL file; default 0.2
 
 Relative paths resolve against the YAML file's folder, so a task file can travel with its data.
@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections import Counter
 
 import yaml
 
 from train.data import read_jsonl, split_examples
 from train.embedded import DEFAULT_N_TRAIN, DEFAULT_N_VAL, EMBEDDED, embedded_task
-from train.metrics import METRICS
+from train.metrics import METRICS, normalize_answer
 from train.tasks import HEADS, Task
 
 DEFAULT_TASKS_FILE = pathlib.Path(__file__).resolve().parent.parent / "configs" / "tasks" / "default.yaml"
@@ -132,11 +133,15 @@ class _Fields:
         return None if value is None else (self.file.parent / value).resolve()
 
 
-def load_task_specs(path: str | pathlib.Path) -> list[TaskSpec]:
-    """Parse and validate a task file without reading any data."""
+def load_task_specs(path: str | pathlib.Path, text: str | None = None) -> list[TaskSpec]:
+    """Parse and validate a task file without reading any data.
+
+    `text` is the file's content when it comes from elsewhere (a run folder's record, for --resume);
+    relative paths still resolve against `path`'s folder.
+    """
     file = pathlib.Path(path)
     try:
-        document = yaml.safe_load(file.read_text(encoding="utf-8"))
+        document = yaml.safe_load(file.read_text(encoding="utf-8") if text is None else text)
     except (OSError, yaml.YAMLError) as error:
         raise TaskConfigError(f"{file}: cannot read task file: {error}") from None
     if not isinstance(document, dict) or set(document) != {"tasks"}:
@@ -205,8 +210,10 @@ def _labels(fields: _Fields, head: str) -> tuple[str, ...]:
     if len(labels) < 2 or not all(isinstance(x, (str, int)) and str(x).strip() for x in labels):
         raise fields.error("labels", "expected a list of at least two non-empty names")
     names = tuple(str(x).strip() for x in labels)
-    if len(set(names)) != len(names):
-        raise fields.error("labels", "names repeat")
+    if len({normalize_answer(name) for name in names}) != len(names):
+        raise fields.error("labels", "names repeat (labels match ignoring case and punctuation)")
+    if not all(normalize_answer(name) for name in names):
+        raise fields.error("labels", "a name made only of punctuation can never match")
     return names
 
 
@@ -218,12 +225,16 @@ def build_task(spec: TaskSpec, *, image_size: int = 64, seed: int = 0) -> Task:
             n_train=spec.n_train, n_val=spec.n_val, requirement=spec.requirement,
         )
     read = dict(head=spec.head, labels=spec.labels, image_root=spec.image_root)
-    examples, _ = read_jsonl(spec.path, **read)
+    examples, skips = read_jsonl(spec.path, **read)
+    skipped = Counter(skips.counts)
     if spec.val_path is None:
         train, val = split_examples(examples, spec.val_fraction, seed)
     else:
-        train, (val, _) = examples, read_jsonl(spec.val_path, **read)
-    return Task(spec.name, spec.head, spec.metric, spec.requirement, spec.prompt, train, val, spec.labels)
+        val, val_skips = read_jsonl(spec.val_path, **read)
+        train = examples
+        skipped.update(val_skips.counts)
+    return Task(spec.name, spec.head, spec.metric, spec.requirement, spec.prompt, train, val, spec.labels,
+                skipped=dict(skipped))
 
 
 def load_tasks(path: str | pathlib.Path = DEFAULT_TASKS_FILE, *, image_size: int = 64, seed: int = 0) -> list[Task]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pathlib
 import time
 from collections.abc import Sequence
@@ -48,6 +49,8 @@ from valora_jax.adapters import (
     load_adapter,
 )
 from valora_jax.sharding import make_mesh, shard_model
+
+logger = logging.getLogger(__name__)
 
 LOG_EVERY = 10  # steps between metrics.jsonl records (and host syncs of the loss)
 
@@ -198,6 +201,7 @@ def train_adapter(
                 data=grain.checkpoint.CheckpointRestore(batches.iterator)))
             nnx.update(learner, restored["state"]["adapter"])
             nnx.update(optimizer, restored["state"]["optimizer"])
+            logger.info("%s: resuming from step %d of %d (checkpoint in %s)", name, start, config.steps, checkpoint_dir)
         graphdef, trained, frozen = nnx.split((learner, optimizer), TRAINED, ...)
         losses: list[float] = []
         pending: list[jax.Array] = []

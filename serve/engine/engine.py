@@ -406,7 +406,7 @@ class Engine:
             self._finish(work, "cancelled")
         for work in [w for w in self._slots if w is not None and w.handle.cancelled]:
             self._finish(work, "cancelled")
-        waiting = [w for w in self._waiting if self._adapter_ready(w)]
+        waiting = [w for w in list(self._waiting) if self._adapter_ready(w)]
         running = [w for w in self._slots if w is not None]
         state = batching.StepState(now(), tuple(w.sched for w in waiting), tuple(w.sched for w in running),
                                    self.pool.merged, self.limits)

@@ -28,6 +28,7 @@ def test_merge_equals_adapted_and_unmerge_restores_base(kind, inputs):
     base_before = base_params(model)
     base_logits = model(*inputs)
     attach(model, KINDS[kind], nnx.Rngs(1))
+    model.eval()  # SNELLA's dropout and drop-path are training-time only; merging is for inference
     randomize_adapter(model, seed=2)
     adapted = model(*inputs)
     assert rel_err(adapted, base_logits) > 1e-2, "the adapter must change the logits for this test to mean anything"
@@ -44,7 +45,7 @@ def test_merge_equals_adapted_and_unmerge_restores_base(kind, inputs):
     assert max(np.abs(restored[k] - base_before[k]).max() for k in base_before) <= 1e-6
     assert rel_err(model(*inputs), adapted) <= 1e-5
     detach(model)
-    assert rel_err(model(*inputs), base_logits) <= 1e-6
+    assert rel_err(model(*inputs), base_logits) <= 2e-6  # float32 rounding of (W + dW) - dW, through the model
 
 
 def test_detach_refuses_a_merged_adapter():

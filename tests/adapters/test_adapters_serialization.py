@@ -21,6 +21,7 @@ CONFIGS = {
 def saved(kind, directory):
     model = small_model(seed=1)
     attach(model, CONFIGS[kind], nnx.Rngs(0))
+    model.eval()  # as a loaded adapter starts (SNELLA's dropout and drop-path off)
     randomize_adapter(model, seed=3)
     if kind == "snella":  # allocator state must travel with the adapter
         snella = model.language_model.layers[0].self_attn.q_proj.adapter
@@ -106,3 +107,23 @@ def test_missing_tensor_and_attached_model(tmp_path):
     attach(model, CONFIGS["lora"], nnx.Rngs(0))
     with pytest.raises(ValueError, match="already has an adapter"):
         load_adapter(model, tmp_path)
+
+
+def test_format_versions(tmp_path):
+    """Files carry format version 2. Version 1 (no field): Serial LoRA loads unchanged; SNELLA, trained for
+    another sparsifier, is refused with the reason; newer versions are refused."""
+    saved("serial_lora", tmp_path / "serial")
+    saved("snella", tmp_path / "snella")
+    for directory in (tmp_path / "serial", tmp_path / "snella"):
+        config = json.loads((directory / "adapter_config.json").read_text())
+        assert config["adapter_format_version"] == 2
+        del config["adapter_format_version"]
+        (directory / "adapter_config.json").write_text(json.dumps(config))
+    load_adapter(small_model(seed=1), tmp_path / "serial")
+    model = small_model()
+    with pytest.raises(ValueError, match=r"SNELLA adapter of format version 1.*max\(\|dW\| - \|tau\|, 0\).*Retrain"):
+        load_adapter(model, tmp_path / "snella")
+    assert_nothing_attached(model)
+    edit_config(tmp_path / "serial", adapter_format_version=3)
+    with pytest.raises(ValueError, match=r"adapter_format_version 3 is not one this valora_jax reads \(1 to 2\)"):
+        load_adapter(model, tmp_path / "serial")

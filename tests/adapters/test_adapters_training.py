@@ -1,7 +1,7 @@
 """All three kinds train under jax.jit with gradients restricted to AdapterParam (20 optax steps, tiny task).
 
 Dropout (an RNG stream under jit) is exercised by the Serial LoRA run only: each dropout site adds seconds
-of XLA compile time on CPU.
+of XLA compile time on CPU (SNELLA's dropout and drop-path are checked in test_adapters_snella.py).
 """
 
 import jax
@@ -21,7 +21,8 @@ CONFIGS = {
                           targets=("q_proj", "v_proj", "o_proj", "fc1", "down_proj")),
     "serial_lora": AdapterConfig(kind="serial_lora", rank=4, alpha=8, dropout=0.1, towers=TOWERS),
     "snella": AdapterConfig(kind="snella", rank=4, towers=TOWERS, targets=("q_proj", "v_proj", "fc1", "down_proj"),
-                            snella=SnellaConfig(init_ratio=0.2, target_ratio=0.6, total_steps=20)),
+                            snella=SnellaConfig(init_ratio=0.2, target_ratio=0.6, total_steps=20, dropout=0.0,
+                                                drop_path=0.0)),
 }
 
 
@@ -71,5 +72,6 @@ def test_twenty_steps_train_only_the_adapter(kind):
     if kind == "snella":
         kept = [(1 - float(m.sparsity[...])) * m.num_entries for _, m in snella_modules(model)]
         total = sum(m.num_entries for _, m in snella_modules(model))
-        assert sum(kept) / total == pytest.approx(1 - 0.6, rel=1e-4), "the budget reached its target at the last step"
+        # the budget reached its target at the last step (whole entries per matrix, rounded down)
+        assert abs(sum(kept) - (1 - 0.6) * total) <= len(kept) + 1, (sum(kept), total)
         assert len({float(m.sparsity[...]) for _, m in snella_modules(model)}) > 1, "shares follow the scores"

@@ -24,6 +24,8 @@ from valora_jax.adapters.pool import AdapterPool
 from valora_jax.generation import Generator
 from valora_jax.loading import load_pretrained
 
+pytestmark = pytest.mark.xdist_group("pool_llava_mha")  # module fixtures load the golden model once
+
 PEFT_ADAPTERS = ("peft_lora", "peft_lora_vision", "peft_lora_mlp")
 TOWERS = ("language_model", "vision_tower", "multi_modal_projector")
 

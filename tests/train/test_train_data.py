@@ -42,6 +42,13 @@ def test_good_rows_become_examples(images):
     assert (second.prompt, second.answer, second.label) == (None, "blue", 1)
 
 
+def test_labels_match_ignoring_case_and_punctuation_and_take_the_tasks_spelling(images):
+    path = write_jsonl(images / "d.jsonl", [{"image": "red.png", "label": "RED."},
+                                            {"image": "blue.png", "label": "Blue"}])
+    examples, report = read_jsonl(path, head="classify", labels=("red", "blue"))
+    assert report.total == 0 and [(e.answer, e.label) for e in examples] == [("red", 0), ("blue", 1)]
+
+
 def test_lm_rows_keep_their_text_and_no_label(images):
     path = write_jsonl(images / "d.jsonl", [conversation("red.png", "describe", "a red square")])
     (example,), _ = read_jsonl(path, head="lm")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -11,8 +12,8 @@ from train.report import MetricsLog, build_report, markdown, print_report, write
 
 @pytest.fixture
 def report(make_task):
-    tasks = [make_task("shape", requirement=0.9), make_task("digits", requirement=0.9),
-             make_task("location", head="lm", requirement=0.7)]
+    digits = dataclasses.replace(make_task("digits", requirement=0.9), skipped={"missing image": 2, "unknown label": 1})
+    tasks = [make_task("shape", requirement=0.9), digits, make_task("location", head="lm", requirement=0.7)]
     fusion = FusionResult(
         order=("shape", "digits", "location"),
         adapters=(
@@ -40,9 +41,10 @@ def test_files_are_written_with_the_documented_schema(report, tmp_path):
     paths = write_report(report, tmp_path / "out")
     document = json.loads(paths["json"].read_text())
     assert [set(row) for row in document["tasks"]] == [
-        {"name", "metric", "requirement", "base_score", "adapter_score", "adapter", "met"}] * 3
+        {"name", "metric", "requirement", "base_score", "adapter_score", "adapter", "met", "skipped_rows"}] * 3
     assert document["tasks"][2] == {"name": "location", "metric": "accuracy", "requirement": 0.7, "base_score": 0.0,
-                                    "adapter_score": 0.55, "adapter": "adapter_1", "met": False}
+                                    "adapter_score": 0.55, "adapter": "adapter_1", "met": False, "skipped_rows": {}}
+    assert document["tasks"][1]["skipped_rows"] == {"missing image": 2, "unknown label": 1}
     assert document["adapters"] == [
         {"name": "adapter_0", "tasks": ["shape", "digits"], "kind": "lora", "rank": 8, "trainable_parameters": 1234},
         {"name": "adapter_1", "tasks": ["location"], "kind": "lora", "rank": 8, "trainable_parameters": 567},
@@ -53,7 +55,9 @@ def test_files_are_written_with_the_documented_schema(report, tmp_path):
     text = paths["markdown"].read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| shape", "| digits", "| location"]
-    assert "| location | accuracy | 0.70 | 0.000 | 0.550 | adapter_1 | no |" in rows
+    assert "| location | accuracy | 0.70 | 0.000 | 0.550 | adapter_1 | no | 0 |" in rows
+    assert "| digits | accuracy | 0.90 | 0.100 | 0.910 | adapter_0 | yes | 3 |" in rows
+    assert "- digits: skipped 2 missing image, 1 unknown label" in text.splitlines()
     assert report.summary in text and text == markdown(report)
 
     with Image.open(paths["plot"]) as image:

@@ -88,6 +88,30 @@ def test_separate_val_file_and_image_root(data_dir):
     (task,) = load_tasks(path)
     assert (len(task.train), len(task.val)) == (10, 3)
     assert task.val[0].image == (data_dir / "data" / "img" / "0.png").resolve()
+    assert task.skipped == {}
+
+
+def test_skipped_rows_of_both_files_are_counted_on_the_task(data_dir):
+    with (data_dir / "data" / "train.jsonl").open("a") as file:
+        file.write('\n{"image": "img/absent.png", "label": "odd"}\n{"image": "img/1.png", "label": "three"}')
+    with (data_dir / "data" / "val.jsonl").open("a") as file:
+        file.write('\n{"image": "img/gone.png", "label": "even"}\nnot json')
+    path = write_yaml(data_dir / "tasks.yaml", """
+        tasks:
+          - source: jsonl
+            name: parity
+            path: data/train.jsonl
+            val_path: data/val.jsonl
+            head: classify
+            requirement: 0.5
+            prompt: is it odd or even ?
+            labels: [Even, Odd]
+    """)
+    (task,) = load_tasks(path)
+    assert task.skipped == {"missing image": 2, "unknown label": 1, "malformed json": 1}
+    assert (len(task.train), len(task.val)) == (10, 3)
+    # rows spell the labels "even" / "odd": they match ignoring case, and take the task's spelling
+    assert {e.answer: e.label for e in task.train} == {"Even": 0, "Odd": 1}
 
 
 JSONL_TASK = """
@@ -114,6 +138,8 @@ tasks:
         (("    labels: [even, odd]\n", ""), "labels", "missing"),
         (("labels: [even, odd]", "labels: [even]"), "labels", "at least two"),
         (("labels: [even, odd]", "labels: [even, even]"), "labels", "repeat"),
+        (("labels: [even, odd]", "labels: [even, Even.]"), "labels", "ignoring case and punctuation"),
+        (("labels: [even, odd]", "labels: [even, '?']"), "labels", "only of punctuation"),
         (("head: classify", "head: lm"), "labels", "classify only"),
         (("prompt: odd or even ?", "prompt: ''"), "prompt", "empty"),
         (("requirement: 0.9", "requirement: 0.9\n    val_fraction: 0\n    val_path: v.jsonl"), "val_path", "either"),

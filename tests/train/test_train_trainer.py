@@ -1,11 +1,12 @@
-"""The adapter trainer on a real (tiny) LLaVA: resume after a kill, non-finite loss, 8-device data parallel,
-warm start from a saved adapter.
+"""The adapter trainer on a real (tiny) LLaVA: a short training learns what the base model cannot, resume after
+a kill, non-finite loss, 8-device data parallel, warm start from a saved adapter.
 
 References are independent runs of the same training: an uninterrupted run for resume, a single-device
 run for data parallel. The model is the golden tiny HF LLaVA (tests/golden/llava_mha), loaded once.
 """
 
 import dataclasses
+import logging
 
 import jax
 import numpy as np
@@ -17,11 +18,12 @@ from flax import nnx
 import train.trainer as trainer
 from tests.train.conftest import marked_image
 from train.encoding import Encoder
-from valora_jax.adapters.heads import ClassifyHeads
+from train.evaluate import Evaluator
 from train.report import MetricsLog
 from train.run import load_base
 from train.tasks import Example, Task
 from valora_jax.adapters import AdapterConfig, AdapterParam, detach, save_adapter
+from valora_jax.adapters.heads import ClassifyHeads
 
 pytestmark = pytest.mark.xdist_group("train_llava_mha")
 
@@ -36,10 +38,10 @@ def brightness_tasks() -> list[Task]:
 
     classify = Task("bright", "classify", "accuracy", 0.9, "is the image white ?",
                     [Example(im, ("no", "yes")[y], y) for im, y in examples(16, 0)],
-                    [Example(im, ("no", "yes")[y], y) for im, y in examples(4, 1)], labels=("no", "yes"))
+                    [Example(im, ("no", "yes")[y], y) for im, y in examples(8, 1)], labels=("no", "yes"))
     lm = Task("white", "lm", "accuracy", 0.9, "what colour is the image ?",
               [Example(im, ("black", "white")[y]) for im, y in examples(16, 0)],
-              [Example(im, ("black", "white")[y]) for im, y in examples(4, 1)])
+              [Example(im, ("black", "white")[y]) for im, y in examples(8, 1)])
     return [classify, lm]
 
 
@@ -79,7 +81,26 @@ def interrupt_after(monkeypatch, calls: int, make_failure):
     monkeypatch.setattr(trainer, "train_step", step)
 
 
-def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(setup, tmp_path, monkeypatch):
+def test_a_short_training_answers_what_the_base_model_cannot(setup, tmp_path):
+    """30 steps teach both tasks (about 15 suffice): a wrong loss, label or score would not get there."""
+    model, tasks, encoder = setup
+    evaluator = Evaluator(encoder, image_size=32, batch_size=8)
+    base = evaluator.scores(tasks, model)
+    learner = trainer.new_learner(model, tasks, ADAPTER, seed=0)
+    config = trainer.TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup=2, checkpoint_every=100)
+    try:
+        trainer.train_adapter(learner, tasks, encoder, config, image_size=32, checkpoint_dir=tmp_path / "ckpt",
+                              metrics=MetricsLog(tmp_path / "m.jsonl"), name="learn")
+        learner.eval()
+        adapted = evaluator.scores(tasks, model, learner)
+    finally:
+        detach(model)
+    assert base == {"bright": 0.0, "white": 0.0}  # the base model answers neither "yes"/"no" nor the colour
+    assert adapted["bright"] >= 7 / 8 and adapted["white"] >= 7 / 8, adapted
+
+
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(setup, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="train.trainer")
     full_losses, full = run_training(setup, tmp_path / "full")
 
     def kill(_):
@@ -90,6 +111,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(setup, tmp_path
         run_training(setup, tmp_path / "resumed")
     monkeypatch.undo()
     resumed_losses, resumed = run_training(setup, tmp_path / "resumed", resume=True)
+    assert "test: resuming from step 4 of 6" in caplog.text
 
     assert resumed_losses == pytest.approx(full_losses[4:], abs=1e-6)  # steps 5..6 see the same batches
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), resumed, full)

@@ -1,16 +1,21 @@
 """SNELLA's bi-level sparsity allocator: a global budget of non-zero dW entries, shared across matrices.
 
-Called once per training step after the optimizer update (inside the jitted step is fine):
-`update_sparsity(model, grads, step)`.
+Follows the authors' released `sparse_allocator.py`. Called once per training step after the optimizer
+update (inside the jitted step is fine): `update_sparsity(model, grads, step)`, `step` counting the steps
+taken so far (their epoch counter, one schedule position per call).
 
-- Budget: the kept fraction of all dW entries follows a cubic schedule from (1 - init_ratio) to
-  (1 - target_ratio) (constant during `warmup_steps` and the last `final_steps`, as AdaLoRA's schedule).
-- Across matrices: each matrix's kept count is proportional to its mean score (sensitivity EMA x
-  uncertainty EMA, see `Snella.update_scores`), capped at its size; what a capped matrix cannot use goes
-  to the others (water-filling), so the global budget is met exactly. Before any score is non-zero every
-  matrix keeps the global fraction.
-- Inside a matrix: entries compete by magnitude through the quantile threshold of Eq. 5; the matrix's
-  quantile level becomes 1 - kept / size.
+- Scores, every step: each matrix's sensitivity / uncertainty EMAs advance (see `Snella.update_scores`);
+  its score is mean(A's scores) + mean(B's scores).
+- Budget: the kept count of all dW entries follows a cubic schedule from (1 - init_ratio) to
+  (1 - target_ratio) of their total (`kept_fraction`), rounded down while it decays.
+- Re-sharing (`reallocates`): only after `warmup_steps`, then once every `SnellaConfig.interval` steps,
+  and every step past `total_steps - final_steps`; in between, and throughout the warm-up, every matrix
+  keeps its quantile level (at first `init_ratio`).
+- Across matrices (`share_budget`): the budget is shared in proportion to the scores, each share capped
+  at its matrix's size, what capped matrices cannot take handed to the others in proportion to their
+  scores, and each share rounded down. All-zero scores count as equal scores.
+- Inside a matrix: entries compete by magnitude through the quantile threshold; the matrix's quantile
+  level becomes 1 - kept / size.
 """
 
 from __future__ import annotations
@@ -31,21 +36,42 @@ def kept_fraction(step: jax.Array | int, cfg: SnellaConfig) -> jax.Array:
     return end + (start - end) * (1.0 - progress) ** 3
 
 
+def reallocates(step: jax.Array | int, cfg: SnellaConfig) -> jax.Array:
+    """Whether the budget is re-shared at `step`: past the warm-up, on the interval or in the final phase."""
+    step = jnp.asarray(step, jnp.int32)
+    final = step > cfg.total_steps - cfg.final_steps
+    return (step > cfg.warmup_steps) & (final | (step % cfg.interval == 0))
+
+
+def step_budget(step: jax.Array | int, cfg: SnellaConfig, total: jax.Array) -> jax.Array:
+    """Kept entries at `step` out of `total`: the cubic schedule, rounded down while it decays."""
+    budget = kept_fraction(step, cfg) * total
+    decaying = jnp.asarray(step) <= cfg.total_steps - cfg.final_steps
+    return jnp.where(decaying, jnp.floor(budget), budget)
+
+
 def share_budget(scores: jax.Array, sizes: jax.Array, budget: jax.Array) -> jax.Array:
-    """Kept entries per matrix: proportional to `scores`, capped at `sizes`, summing to `budget`."""
+    """Kept entries per matrix (whole numbers): proportional to `scores`, capped at `sizes`, summing to
+    `budget` up to the rounding (equal scores when all are zero).
+
+    First floor(budget * share) capped at the size, then rounds that hand what is left to the matrices
+    below their size in proportion to their scores (each capped at its room); each round fills at least
+    one matrix or places everything, so as many rounds as matrices suffice.
+    """
     scores, sizes = scores.astype(jnp.float32), sizes.astype(jnp.float32)
+    scores = jnp.where(jnp.sum(scores) > 0, scores, jnp.ones_like(scores))
+    shares = scores / jnp.sum(scores)
+    kept = jnp.minimum(sizes, jnp.floor(budget * shares))
 
-    def fill(_, capped):
-        free_budget = budget - jnp.sum(jnp.where(capped, sizes, 0.0))
-        free_score = jnp.sum(jnp.where(capped, 0.0, scores))
-        return capped | (free_budget * scores >= sizes * free_score)
+    def hand_out(_, kept):
+        left = budget - jnp.sum(kept)
+        room = sizes - kept
+        weights = jnp.where(room > 0, shares, 0.0)
+        total = jnp.sum(weights)
+        extra = jnp.minimum(left * weights / jnp.where(total > 0, total, 1.0), room)
+        return kept + jnp.where((left > 0) & (total > 0), extra, 0.0)
 
-    capped = jax.lax.fori_loop(0, scores.shape[0], fill, jnp.zeros(scores.shape, bool))
-    free_budget = budget - jnp.sum(jnp.where(capped, sizes, 0.0))
-    free_score = jnp.sum(jnp.where(capped, 0.0, scores))
-    share = jnp.where(capped, sizes, free_budget * scores / jnp.maximum(free_score, jnp.finfo(jnp.float32).tiny))
-    uniform = budget * sizes / jnp.sum(sizes)
-    return jnp.where(jnp.sum(scores) > 0, share, uniform)
+    return jnp.floor(jax.lax.fori_loop(0, scores.shape[0], hand_out, kept))
 
 
 def snella_modules(model: nnx.Module) -> list[tuple[tuple, Snella]]:
@@ -53,8 +79,8 @@ def snella_modules(model: nnx.Module) -> list[tuple[tuple, Snella]]:
 
 
 def update_sparsity(model: nnx.Module, grads: nnx.State, step: jax.Array | int) -> None:
-    """Advance every SNELLA matrix's score EMAs with `grads` (an `AdapterParam` gradient state) and re-share
-    the step's budget; sets each matrix's `sparsity` (quantile level) in place."""
+    """Advance every SNELLA matrix's score EMAs with `grads` (an `AdapterParam` gradient state) and, when
+    `reallocates(step)`, re-share the step's budget: sets each matrix's `sparsity` (quantile level) in place."""
     cfg: SnellaConfig = model.adapter_config.snella
     modules = snella_modules(model)
     if not modules:
@@ -65,6 +91,8 @@ def update_sparsity(model: nnx.Module, grads: nnx.State, step: jax.Array | int) 
         grad_a, grad_b = (flat[(*path, name)] for name in ("A", "B"))
         scores.append(module.update_scores(jnp.asarray(grad_a[...]), jnp.asarray(grad_b[...]), cfg.beta1, cfg.beta2))
     sizes = jnp.asarray([m.num_entries for _, m in modules], jnp.float32)
-    kept = share_budget(jnp.stack(scores), sizes, kept_fraction(step, cfg) * jnp.sum(sizes))
+    kept = share_budget(jnp.stack(scores), sizes, step_budget(step, cfg, jnp.sum(sizes)))
+    now = reallocates(step, cfg)
     for (_, module), kept_m, size in zip(modules, kept, sizes, strict=True):
-        module.sparsity.set_value(jnp.clip(1.0 - kept_m / size, 0.0, 1.0))
+        level = jnp.clip(1.0 - kept_m / size, 0.0, 1.0)
+        module.sparsity.set_value(jnp.where(now, level, module.sparsity[...]))

@@ -60,8 +60,9 @@ def build_adapter(host: nnx.Module, path: str, config: AdapterConfig, dtype, rng
     if config.kind == "serial_lora":
         return SerialLoRA(host, rank=rank, scaling=config.scaling_for(path), dropout=config.dropout, dtype=dtype,
                           rngs=rngs)
-    return Snella(host, rank=rank, coefficients=config.snella.chunk_coefficients, sparsity=config.snella.init_ratio,
-                  dtype=dtype, rngs=rngs)
+    snella = config.snella
+    return Snella(host, rank=rank, coefficients=snella.chunk_coefficients, sparsity=snella.init_ratio,
+                  dropout=snella.dropout, drop_path=snella.drop_path, dtype=dtype, rngs=rngs)
 
 
 def attach(model: nnx.Module, config: AdapterConfig, rngs: nnx.Rngs, *, dtype=jnp.float32) -> dict[str, nnx.Module]:

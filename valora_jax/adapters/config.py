@@ -27,12 +27,19 @@ DEFAULT_TARGETS = {"lora": PROJECTION_TARGETS, "snella": PROJECTION_TARGETS, "se
 
 @dataclasses.dataclass(frozen=True)
 class SnellaConfig:
-    """SNELLA's kernel and bi-level allocator.
+    """SNELLA's kernel, its training regularisers and the bi-level allocator, with the defaults of the
+    authors' released code and FGVC / VTAB scripts (github ssfgunner/SNELL).
 
     `chunk_coefficients` are the c_p of the piecewise-linear kernel (one per rank chunk; (+0.1, -0.1) as
-    in the public SNELL code). The kept fraction of all dW entries follows a cubic schedule from
-    (1 - init_ratio) to (1 - target_ratio): constant for `warmup_steps`, cubic until
-    `total_steps - final_steps`, then constant. `beta1` / `beta2` are the sensitivity / uncertainty EMA rates.
+    in the released code). `dropout` drops adapter inputs and `drop_path` whole rows (samples) of the
+    adapter's output, during training only (0.1 each, as their scripts train).
+
+    Allocator: the kept fraction of all dW entries follows a cubic schedule from (1 - init_ratio) to
+    (1 - target_ratio): constant for `warmup_steps`, cubic until `total_steps - final_steps`, then
+    constant. Budgets are re-shared between matrices after every `mask_interval` steps past the warm-up
+    (and every step once past `total_steps - final_steps`); never during the warm-up. `mask_interval=None`
+    means total_steps // 100 (at least 1): the authors' scripts re-share once per epoch of 100 epochs,
+    with no warm-up phases. `beta1` / `beta2` are the sensitivity / uncertainty EMA rates.
     """
 
     chunk_coefficients: tuple[float, ...] = (0.1, -0.1)
@@ -41,14 +48,27 @@ class SnellaConfig:
     total_steps: int = 1000
     warmup_steps: int = 0
     final_steps: int = 0
+    mask_interval: int | None = None
     beta1: float = 0.85
     beta2: float = 0.85
+    dropout: float = 0.1
+    drop_path: float = 0.1
 
     def __post_init__(self):
         if not 0.0 <= self.init_ratio <= self.target_ratio < 1.0:
             raise ValueError(f"need 0 <= init_ratio <= target_ratio < 1, got {self.init_ratio}, {self.target_ratio}")
         if self.warmup_steps + self.final_steps >= self.total_steps:
             raise ValueError("warmup_steps + final_steps must be less than total_steps")
+        if self.mask_interval is not None and self.mask_interval < 1:
+            raise ValueError(f"mask_interval must be >= 1 (or None), got {self.mask_interval}")
+        for name in ("dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def interval(self) -> int:
+        """Steps between two re-sharings of the budget (`mask_interval`, or its default)."""
+        return self.mask_interval if self.mask_interval is not None else max(1, self.total_steps // 100)
 
 
 def _as_pairs(pattern: Mapping[str, Any] | tuple) -> tuple[tuple[str, Any], ...]:
@@ -69,7 +89,8 @@ class AdapterConfig:
 
     `targets=None` means the kind's default (`DEFAULT_TARGETS`). Patterns may be given as dicts; they are
     stored as tuples of pairs so the config is hashable (it is static model metadata under `jax.jit`).
-    SNELLA ignores `alpha` and `dropout`: its mixed kernel carries its own learnable scale.
+    SNELLA ignores `alpha` and `dropout`: its mixed kernel carries its own learnable scale, and its dropout
+    and drop-path rates are `SnellaConfig` settings.
     """
 
     kind: str = "lora"

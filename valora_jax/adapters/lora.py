@@ -14,11 +14,10 @@ from valora_jax.adapters.variables import AdapterParam
 from valora_jax.layers import Linear
 
 
-def kaiming_uniform(fan_in_axis: int = -2):
-    """torch's `kaiming_uniform_(a=sqrt(5))`: uniform(+-1/sqrt(fan_in)); `fan_in_axis` says which axis is d_in."""
-    fan_out_axis = -1 if fan_in_axis in (-2, 0) else -2
-    return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=fan_in_axis,
-                                                out_axis=fan_out_axis)
+def kaiming_uniform(in_axis: int = -2, out_axis: int = -1):
+    """torch's `kaiming_uniform_(a=sqrt(5))`: uniform(+-1/sqrt(fan_in)), fan_in = the `in_axis` size times
+    the sizes of the axes other than `in_axis` and `out_axis` (torch's receptive field)."""
+    return jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=in_axis, out_axis=out_axis)
 
 
 def input_dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout | None:

@@ -18,9 +18,10 @@ Kinds:
 - Serial LoRA: its block transform x' = x + s x A B, batched through `batched_lora` with base_out = x.
 - SNELLA: dW_s is full-rank, so it occupies a slot as a dense delta, A = dW_s and B = I (or A = I, B = dW_s,
   whichever is narrower): rank min(d_in, d_out). That needs max_rank >= min(d_in, d_out) at every site it
-  adapts (for a 4096-wide 7B model, R = 4096: each slot then costs a full copy of the adapted weights), so
-  a SNELLA adapter that does not fit is refused at `load` with an error naming the site and the limit;
-  such an adapter is served by merging it offline (`valora_jax.adapters.merge`).
+  adapts (for a 4096-wide 7B model R = 4096, and a slot's R * (d_in + d_out) values per site come to
+  about 1.6x the adapted weights: 20.5 GB per slot in bfloat16), so a SNELLA adapter that does not fit is
+  refused at `load` with an error naming the site and the limit; such an adapter is served merged on a
+  model of its own (`attach` / `load_adapter`, then `valora_jax.adapters.merge`).
 
 Modes:
 - Unmerged: base weights untouched; every row's delta from its slot.
@@ -59,7 +60,7 @@ from pallas_kernels import batched_lora, lora_projection, resolve_backend
 from valora_jax.adapters.attach import SERIAL_HOOK, adapter_sites, module_path
 from valora_jax.adapters.config import AdapterConfig
 from valora_jax.adapters.heads import LABELS_FILE, MASKED_LOGIT, load_heads
-from valora_jax.adapters.serial_lora import QKV
+from valora_jax.adapters.serial_lora import QKV, qkv_projections
 from valora_jax.adapters.serialization import read_adapter
 from valora_jax.adapters.snella import sparse_delta_weight
 from valora_jax.layers import Linear
@@ -232,7 +233,7 @@ class AdapterPool:
     a name or ending in "." + name; a string is a regex over the whole path); by default every `Linear`
     except the output head. `serial=False` leaves out the attention-block sites of Serial LoRA. Memory:
     each projection site holds slots * R * (d_in + d_out) values of the model's dtype, each serial site
-    slots * R * 2d; the heads slots * head_tasks * (d + 2) * head_labels float32 values. The first merge
+    slots * R * 2d; the heads slots * head_tasks * ((d + 1) * head_labels + 1) float32 values. The first merge
     into a site copies its original weight to host memory (see `restore`).
     """
 
@@ -259,14 +260,15 @@ class AdapterPool:
                                                  max_rank=max_rank, dtype=linear.kernel.dtype,
                                                  axes=getattr(linear.kernel, "logical_axes", (None, None))))
         for path, block in self._serial.items():
-            d = block.q_proj.in_features
-            setattr(block, SERIAL_POOL_HOOK, SlotStack(d, d, slots=slots, max_rank=max_rank,
-                                                       dtype=block.q_proj.kernel.dtype, axes=("embed", "embed")))
+            first = qkv_projections(block)[0]
+            setattr(block, SERIAL_POOL_HOOK, SlotStack(first.in_features, first.in_features, slots=slots,
+                                                       max_rank=max_rank, dtype=first.kernel.dtype,
+                                                       axes=("embed", "embed")))
         self.hidden_size = model.config.text.hidden_size
         setattr(model, HEADS_HOOK, SlotHeads(self.hidden_size, slots=slots, tasks=head_tasks, labels=head_labels))
         # q/k/v Linear sites of each serial site, for the corrections of a merged Serial LoRA.
-        self._qkv_of = {path: tuple(f"{path}.{n}" for n in QKV) for path in self._serial
-                        if all(f"{path}.{n}" in self._linear for n in QKV)}
+        qkv = {path: tuple(f"{path}.{n}" for n in QKV if hasattr(block, n)) for path, block in self._serial.items()}
+        self._qkv_of = {path: names for path, names in qkv.items() if all(n in self._linear for n in names)}
         self._host: dict[str, HostAdapter] = {}
         self._slot_of: dict[str, int] = {}
         self._lru: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -522,7 +524,7 @@ class AdapterPool:
     def _merge_sites(self, adapter: HostAdapter) -> list[str]:
         sites = set(adapter.linear)
         for site in adapter.serial:
-            sites.update(f"{site}.{n}" for n in QKV)
+            sites.update(self._qkv_of[site])
         return sorted(sites)
 
     def merge(self, name: str) -> None:

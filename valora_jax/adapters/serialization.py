@@ -2,9 +2,14 @@
 
 Kind `lora` uses PEFT's layout (see `peft_format`), so adapters move between this project and HF PEFT in
 both directions. Serial LoRA and SNELLA, which PEFT does not have, use this project's layout: the config
-is `AdapterConfig.to_json()` with `"adapter_format": "valora_jax"`, tensors are named
-`<host path>.<variable>` (e.g. `language_model.layers.0.self_attn.qkv_input_adapter.A`) in our
+is `AdapterConfig.to_json()` with `"adapter_format": "valora_jax"` and `"adapter_format_version"`, tensors
+are named `<host path>.<variable>` (e.g. `language_model.layers.0.self_attn.qkv_input_adapter.A`) in our
 orientation, and SNELLA's allocator state is saved beside its factors.
+
+Format versions: 2 sparsifies SNELLA's dW as the authors' released code does
+(dW * |dW| * [|dW| > tau]); in 1 (files without the field) SNELLA adapters are trained for
+dW * max(|dW| - |tau|, 0). A version-1 SNELLA adapter is refused, since its tensors compute another delta
+under this sparsifier; version-1 Serial LoRA adapters load unchanged.
 
 Loading checks everything (kind, module names, shapes, missing and extra tensors) before it attaches
 anything, and errors name the offending tensor; a loaded adapter starts in eval mode (no dropout).
@@ -29,10 +34,12 @@ from valora_jax.adapters.attach import adapter_sites, attached_config, build_ada
 from valora_jax.adapters.config import AdapterConfig, pattern_value
 from valora_jax.adapters.extract import extract
 from valora_jax.adapters.variables import AdapterParam, AdapterState
+from valora_jax.models.registry import family_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 VALORA_FORMAT = "valora_jax"
+VALORA_FORMAT_VERSION = 2
 
 
 def save_adapter(model: nnx.Module, directory: str | pathlib.Path, *, base_model: str | None = None) -> None:
@@ -46,16 +53,18 @@ def save_adapter(model: nnx.Module, directory: str | pathlib.Path, *, base_model
     else:
         tensors = {f"{path}.{hook_name(config.kind)}.{name}": np.asarray(value, np.float32)
                    for path, arrays in extract(model).items() for name, value in arrays.items() if name != "scaling"}
-        config_json, metadata = {"adapter_format": VALORA_FORMAT, **config.to_json()}, {"format": VALORA_FORMAT}
+        config_json = {"adapter_format": VALORA_FORMAT, "adapter_format_version": VALORA_FORMAT_VERSION,
+                       **config.to_json()}
+        metadata = {"format": VALORA_FORMAT}
     save_file({k: np.array(v, order="C") for k, v in tensors.items()}, str(directory / WEIGHTS_FILE), metadata)
     (directory / CONFIG_FILE).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
 
 
 def _peft_lora_files(model, config: AdapterConfig, base_model):
-    kernels = peft_format.linear_kernels(model)
+    kernels, family = peft_format.linear_kernels(model), family_of(model.config)
     hf_names, tensors = {}, {}
     for path, _, adapter in adapter_sites(model):
-        hf = hf_names[path] = peft_format.hf_module_name(path, kernels)
+        hf = hf_names[path] = peft_format.hf_module_name(path, kernels, family)
         tensors[peft_format.peft_tensor_name(hf, "A")] = np.asarray(adapter.A[...], np.float32).T
         tensors[peft_format.peft_tensor_name(hf, "B")] = np.asarray(adapter.B[...], np.float32).T
     return tensors, peft_format.peft_config_json(config, hf_names, base_model)
@@ -81,7 +90,9 @@ def read_adapter(model: nnx.Module, directory: str | pathlib.Path) -> tuple[Adap
     if config_json.get("peft_type") == "LORA":
         return _read_peft_lora(model, config_json, tensors)
     if config_json.get("adapter_format") == VALORA_FORMAT:
-        config = AdapterConfig.from_json({k: v for k, v in config_json.items() if k != "adapter_format"})
+        _check_version(directory / CONFIG_FILE, config_json)
+        config = AdapterConfig.from_json({k: v for k, v in config_json.items()
+                                          if k not in ("adapter_format", "adapter_format_version")})
         return config, _read_valora(model, config, tensors)
     raise ValueError(f"{directory / CONFIG_FILE}: neither a PEFT LoRA (peft_type 'LORA') nor a valora_jax adapter "
                      f"(peft_type={config_json.get('peft_type')!r})")
@@ -103,17 +114,29 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path) -> AdapterCon
     return config
 
 
+def _check_version(path: pathlib.Path, config_json: dict[str, Any]) -> None:
+    """Refuse files of a newer format, and SNELLA adapters of version 1 (see the module docstring)."""
+    version = config_json.get("adapter_format_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= VALORA_FORMAT_VERSION:
+        raise ValueError(f"{path}: adapter_format_version {version!r} is not one this valora_jax reads "
+                         f"(1 to {VALORA_FORMAT_VERSION})")
+    if version < 2 and config_json.get("kind") == "snella":
+        raise ValueError(f"{path}: a SNELLA adapter of format version 1, trained with the sparsifier "
+                         "dW * max(|dW| - |tau|, 0); this valora_jax sparsifies as the authors' released code "
+                         "(dW * |dW| * [|dW| > tau]), so its weights would compute another update. Retrain it.")
+
+
 def _read_peft_lora(model, peft_config: dict[str, Any], tensors: dict[str, np.ndarray]):
     """(AdapterConfig, host path -> {A, B} in our orientation) from PEFT files, validated against `model`."""
     peft_format.check_supported(peft_config)
-    kernels = peft_format.linear_kernels(model)
+    kernels, family = peft_format.linear_kernels(model), family_of(model.config)
     factors: dict[str, dict[str, np.ndarray]] = {}
     hf_of: dict[str, str] = {}
     for key in sorted(tensors):
         match = peft_format.PEFT_TENSOR.match(key)
         if match is None:
             raise ValueError(f"tensor {key!r} is not a PEFT LoRA factor (base_model.model.<module>.lora_A/B.weight)")
-        path = peft_format.module_path_from_hf(match["module"], kernels)
+        path = peft_format.module_path_from_hf(match["module"], kernels, family)
         if path is None:
             raise ValueError(f"tensor {key!r} adapts module {match['module']!r}, which this model does not have")
         hf_of[path] = match["module"]

@@ -1,18 +1,31 @@
 """SNELLA: a kernelised, sparsified full-rank update dW_s = sparsify(k(A, B)) added to a projection.
 
+Behaviour follows the authors' released code (github ssfgunner/SNELL, `model/vision_transformer_timm.py`
+class `SNELLA`, `sparse_allocator.py`); where their paper's equations read differently, the code wins.
+
 Kernel (METHODS.md section 3), in this project's (d_in, d_out) layout: A (d_in, r), B (d_out, r), the rank
-split into P equal chunks, K_ij = sum_p c_p ||A_i,p - B_j,p||_2 (c = (+0.1, -0.1) by default), and SNELLA's
-mixed kernel dW = K + alpha * softmax(K / gamma, over the output index j) + beta with learnable scalars
-alpha, gamma, beta (init 1, 1, 0). Distances use |a|^2 + |b|^2 - 2 a.b (no (d_in, d_out, r) temporary),
-clamped at 1e-12 before the square root so the gradient stays finite where a chunk of A_i equals B_j.
+split into P equal chunks (their (P, d, r / P) factor tensors), K_ij = sum_p c_p ||A_i,p - B_j,p||_2
+(c = (+0.1, -0.1) by default), and SNELLA's mixed kernel dW = K + alpha * softmax(K / gamma, over the
+output index j) + beta with learnable scalars alpha, gamma, beta (init 1, 1, 0). Distances use
+|a|^2 + |b|^2 - 2 a.b (no (d_in, d_out, r) temporary), clamped at 1e-12 before the square root so the
+gradient stays finite where a chunk of A_i equals B_j.
 
-Sparsifier, Eq. 5 exactly as written: tau = the `sparsity`-quantile of |dW| (linear interpolation, as
-numpy; found by bisection, not a sort: `magnitude_quantile`), dW_s = dW * max(|dW| - |tau|, 0). Entries
-below the threshold vanish; kept entries are scaled by their margin over it. tau is a selection, not a
-learned quantity: no gradient flows through it.
+Initialisation: both factors uniform(+-1/sqrt(d * r / P)), d = d_in for A and d_out for B: what torch's
+`kaiming_uniform_(a=sqrt(5))` draws on their (P, d, r / P) tensors, whose fan-in is d * r / P.
 
-Memory: the whole delta x @ dW_s runs under `jax.checkpoint`, so only x and the factors are kept for the
-backward pass and dW (d_in x d_out) is recomputed there instead of stored.
+Sparsifier, as the released code computes it: tau = the `sparsity`-quantile of |dW| (linear interpolation,
+as numpy and torch; found by bisection, not a sort: `magnitude_quantile`), and
+dW_s = dW * stop_gradient(|dW| * [|dW| > tau]): a kept entry is multiplied by its own (detached)
+magnitude, so it becomes sign(dW) dW^2 and its gradient is the upstream gradient times |dW|. The paper's
+Eq. 5 reads dW * max(|dW| - |tau|, 0) instead; that is not what the authors train.
+
+Training regularisers of their scripts: dropout on the adapter input and drop-path (a whole sample's
+delta dropped, the others scaled by 1 / keep) on its output, rates from `SnellaConfig` (0.1 each). Their
+ViT shares one input-dropout mask between q, k and v and has none on the attention output projection;
+here every adapted projection draws its own mask.
+
+Memory: the delta x @ dW_s runs under `jax.checkpoint`, so only (the dropped-out) x and the factors are
+kept for the backward pass and dW (d_in x d_out) is recomputed there instead of stored.
 
 The allocator state (per-parameter sensitivity and uncertainty EMAs of A and B, the matrix's quantile
 level `sparsity`) lives here as `AdapterState`; `valora_jax.adapters.allocator` updates it.
@@ -26,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from valora_jax.adapters.lora import kaiming_uniform
+from valora_jax.adapters.lora import input_dropout, kaiming_uniform
 from valora_jax.adapters.variables import AdapterParam, AdapterState
 from valora_jax.layers import Linear
 
@@ -91,9 +104,10 @@ def magnitude_quantile(dw: jax.Array, level: jax.Array) -> jax.Array:
 
 
 def sparsify(dw: jax.Array, level: jax.Array) -> jax.Array:
-    """Eq. 5: dW * max(|dW| - |tau|, 0), tau the `level`-quantile of |dW| (held constant for gradients)."""
-    tau = jax.lax.stop_gradient(magnitude_quantile(dw, level))
-    return dw * jnp.maximum(jnp.abs(dw) - jnp.abs(tau), 0.0)
+    """dW * stop_gradient(|dW| * [|dW| > tau]), tau the `level`-quantile of |dW| (the released code's rule)."""
+    magnitude = jax.lax.stop_gradient(jnp.abs(dw))
+    tau = magnitude_quantile(jax.lax.stop_gradient(dw), level)
+    return dw * jnp.where(magnitude > tau, magnitude, 0.0)
 
 
 def sparse_delta_weight(a, b, alpha, gamma, beta, level, coefficients: tuple[float, ...]) -> jax.Array:
@@ -104,17 +118,23 @@ def _apply_delta(x, a, b, alpha, gamma, beta, level, *, coefficients):
     return x @ sparse_delta_weight(a, b, alpha, gamma, beta, level, coefficients).astype(x.dtype)
 
 
+def factor_init(key: jax.Array, rows: int, rank: int, chunks: int, dtype) -> jax.Array:
+    """A (rows, rank) factor drawn as the released code draws its (chunks, rows, rank / chunks) tensor:
+    `kaiming_uniform_(a=sqrt(5))`, fan-in rows * rank / chunks; chunk p of our rank axis is their slice p."""
+    sliced = kaiming_uniform(in_axis=1, out_axis=0)(key, (chunks, rows, rank // chunks), dtype)
+    return sliced.transpose(1, 0, 2).reshape(rows, rank)
+
+
 class Snella(nnx.Module):
     """The sparse kernelised update of one `Linear` (attached at `linear.adapter`)."""
 
-    def __init__(self, linear: Linear, *, rank: int, coefficients: tuple[float, ...], sparsity: float, dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, linear: Linear, *, rank: int, coefficients: tuple[float, ...], sparsity: float,
+                 dropout: float, drop_path: float, dtype, rngs: nnx.Rngs):
         axes = getattr(linear.kernel, "logical_axes", (None, None))
         d_in, d_out = linear.in_features, linear.out_features
-        self.A = AdapterParam(kaiming_uniform()(rngs.params(), (d_in, rank), dtype), logical_axes=(axes[0], None))
-        # B is (d_out, r) as in the paper; torch's fan-in of such a weight is r (its last axis).
-        self.B = AdapterParam(kaiming_uniform(fan_in_axis=-1)(rngs.params(), (d_out, rank), dtype),
-                              logical_axes=(axes[1], None))
+        chunks = len(coefficients)
+        self.A = AdapterParam(factor_init(rngs.params(), d_in, rank, chunks, dtype), logical_axes=(axes[0], None))
+        self.B = AdapterParam(factor_init(rngs.params(), d_out, rank, chunks, dtype), logical_axes=(axes[1], None))
         self.kernel_alpha = AdapterParam(jnp.ones((), dtype))
         self.kernel_gamma = AdapterParam(jnp.ones((), dtype))
         self.kernel_beta = AdapterParam(jnp.zeros((), dtype))
@@ -124,6 +144,9 @@ class Snella(nnx.Module):
         self.uncertainty_A = AdapterState(jnp.zeros((d_in, rank), jnp.float32))
         self.uncertainty_B = AdapterState(jnp.zeros((d_out, rank), jnp.float32))
         self.coefficients = tuple(coefficients)
+        self.dropout = input_dropout(dropout, rngs)
+        # Drop-path draws one keep / drop per sample: dropout applied to a (batch, 1, ...) vector of ones.
+        self.drop_path = input_dropout(drop_path, rngs)
         self.merged = False
 
     @property
@@ -142,8 +165,12 @@ class Snella(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.merged:
             return jnp.zeros((), x.dtype)
+        h = x if self.dropout is None else self.dropout(x)
         apply = jax.checkpoint(functools.partial(_apply_delta, coefficients=self.coefficients))
-        return apply(x, *self._params())
+        delta = apply(h, *self._params())
+        if self.drop_path is None:
+            return delta
+        return delta * self.drop_path(jnp.ones((x.shape[0],) + (1,) * (x.ndim - 1), x.dtype))
 
     def delta_weight(self) -> jax.Array:
         """(d_in, d_out) float32 dW_s at the current sparsity level."""
@@ -157,16 +184,17 @@ class Snella(nnx.Module):
         linear.kernel.set_value((linear.kernel[...].astype(jnp.float32) - self.delta_weight()).astype(linear.kernel.dtype))
 
     def update_scores(self, grad_a: jax.Array, grad_b: jax.Array, beta1: float, beta2: float) -> jax.Array:
-        """Advance the sensitivity / uncertainty EMAs of A and B by one step; return the mean score.
+        """Advance the sensitivity / uncertainty EMAs of A and B by one step; return the matrix's score.
 
-        Sensitivity I = |theta * grad|; Ibar <- beta1 Ibar + (1 - beta1) I; U <- beta2 U + (1 - beta2) |I - Ibar|;
-        score = Ibar * U, averaged over all of A's and B's entries.
+        Sensitivity I = |theta * grad| (non-finite entries count as 0); Ibar <- beta1 Ibar + (1 - beta1) I;
+        U <- beta2 U + (1 - beta2) |I - Ibar|; score = mean(Ibar * U over A) + mean(Ibar * U over B).
         """
-        total, count = 0.0, 0
+        score = 0.0
         for theta, grad, sens, unc in ((self.A, grad_a, self.sensitivity_A, self.uncertainty_A),
                                        (self.B, grad_b, self.sensitivity_B, self.uncertainty_B)):
             current = jnp.abs(theta[...].astype(jnp.float32) * grad.astype(jnp.float32))
+            current = jnp.where(jnp.isfinite(current), current, 0.0)
             sens.set_value(beta1 * sens[...] + (1.0 - beta1) * current)
             unc.set_value(beta2 * unc[...] + (1.0 - beta2) * jnp.abs(current - sens[...]))
-            total, count = total + jnp.sum(sens[...] * unc[...]), count + current.size
-        return total / count
+            score = score + jnp.mean(sens[...] * unc[...])
+        return score

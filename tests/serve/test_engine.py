@@ -1,0 +1,165 @@
+"""The serving engine on the golden tiny LLaVA: results do not depend on batching, under every policy.
+
+Reference: each request generated alone (batch 1) by `Generator` on the base model with its adapter
+attached (`load_adapter`), greedy, float32. The engine runs 24 requests for 4 adapters (three PEFT
+LoRAs, one Serial LoRA) and the base model, with prompts of different lengths, different output
+lengths, and arrivals spread over the run (the test drives `engine.step()` itself, so the arrival
+pattern is the same for every policy).
+"""
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from serve.engine import GenerationRequest, RequestError, SamplingParams
+from serve.engine.engine import Engine
+from serve.policy import POLICIES, make_policy
+from valora_jax.adapters import AdapterConfig, AdapterParam, attach, load_adapter, save_adapter
+from valora_jax.generation import Generator
+from valora_jax.loading import load_pretrained
+
+pytestmark = pytest.mark.xdist_group("engine_llava_mha")  # one worker builds the engine and the references
+
+PEFT = ("peft_lora", "peft_lora_vision", "peft_lora_mlp")
+WORDS = "what colour is the circle in this picture how many red shapes are there answer with one word".split()
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def adapters(golden_dir, tmp_path_factory):
+    """name -> directory: the three golden PEFT LoRAs and a Serial LoRA saved by `save_adapter`."""
+    out = {name: golden_dir / name for name in PEFT}
+    model, _ = load_pretrained(golden_dir / "llava_mha")
+    attach(model, AdapterConfig(kind="serial_lora", rank=4, alpha=8,
+                                towers=("language_model", "vision_tower")), nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    for _, var in sorted(nnx.to_flat_state(nnx.state(model, AdapterParam)), key=lambda kv: str(kv[0])):
+        var.set_value(0.3 * rng.standard_normal(var.shape).astype(np.float32))
+    out["serial"] = tmp_path_factory.mktemp("serial") / "serial"
+    save_adapter(model, out["serial"])
+    return out
+
+
+def workload(seed: int = 0):
+    """24 (arrival step, adapter, prompt, image, max_tokens), 8 arriving per step; one adapter has 13 of them."""
+    rng = np.random.default_rng(seed)
+    names = ["peft_lora"] * 13 + ["serial"] * 3 + ["peft_lora_vision"] * 3 + ["peft_lora_mlp"] * 2 + [None] * 3
+    rng.shuffle(names)
+    out = []
+    for i, name in enumerate(names):
+        text = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 10))))
+        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        prompt = f"user : <image> {text} ? assistant :"
+        out.append((i // 8, name, prompt, image, int(rng.integers(3, 12))))
+    return out
+
+
+def request(name, prompt, image, max_tokens):
+    return GenerationRequest(adapter=name, prompt=prompt, images=[] if image is None else [Image.fromarray(image)],
+                             sampling=SamplingParams(max_tokens=max_tokens))
+
+
+@pytest.fixture(scope="module")
+def expected(golden_dir, adapters):
+    """Each request alone with its adapter attached: the tokens up to (not including) EOS.
+
+    Greedy tokens are a prefix of a longer greedy run, so one length (the workload's longest) serves all
+    and each Generator compiles its decode loop once."""
+    longest = max(w[4] for w in workload())
+    out = []
+    models = {}
+    for _, name, prompt, image, max_tokens in workload():
+        if name not in models:
+            model, processor = load_pretrained(golden_dir / "llava_mha")
+            if name is not None:
+                load_adapter(model, adapters[name])
+            models[name] = (Generator(model, max_len=MAX_LEN), processor)
+        generator, processor = models[name]
+        inputs = processor(text=[prompt], images=None if image is None else [Image.fromarray(image)],
+                           return_tensors="np")
+        tokens = generator.generate(inputs["input_ids"], inputs.get("pixel_values"), max_new_tokens=longest)[0]
+        tokens = tokens[:max_tokens]
+        eos = generator.config.eos_token_id
+        out.append(tokens[: list(tokens).index(eos)].tolist() if eos in tokens else tokens.tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(golden_dir, adapters):
+    return Engine.from_pretrained(str(golden_dir / "llava_mha"), lora_modules=adapters, max_loras=3, max_lora_rank=8,
+                                  max_num_seqs=4, max_model_len=MAX_LEN)
+
+
+def run(engine, work):
+    """Submit `work` at its arrival steps and step until every request has finished; the results in order."""
+    handles, step = [], 0
+    while len(handles) < len(work) or not all(h.done for h in handles):
+        handles += [engine.submit(request(*w[1:])) for w in work[len(handles):] if w[0] <= step]
+        engine.step()
+        step += 1
+        assert step < 500, "the engine makes no progress"
+    return [h.result(0) for h in handles]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_outputs_do_not_depend_on_batching_or_policy(engine, expected, policy):
+    engine.policy = make_policy(policy)
+    before = engine.switches
+    results = run(engine, workload())
+    for i, (result, want) in enumerate(zip(results, expected)):
+        assert result.finish_reason in ("stop", "length") and result.error is None, (i, result)
+        assert result.token_ids == want, (i, policy, workload()[i][1])
+        assert result.finish_reason == ("stop" if len(want) < workload()[i][4] else "length")
+    if policy != "unmerged":
+        assert engine.switches > before, f"{policy} never switched on a workload skewed to one adapter"
+    engine.pool.unmerge()
+
+
+def test_a_run_of_mixed_requests_compiles_nothing_new(engine, expected):
+    engine.policy = make_policy("valora")
+    run(engine, workload())
+    programs = engine.compiled_programs()
+    engine.policy = make_policy("dlora")
+    run(engine, workload(seed=0))
+    engine.pool.unmerge()
+    assert engine.compiled_programs() == programs
+
+
+def test_bad_requests_fail_alone(engine, expected):
+    engine.policy = make_policy("unmerged")
+    bad = [
+        (GenerationRequest(adapter="nope", prompt="user : what ? assistant :"), 404, "does not exist"),
+        (GenerationRequest(prompt="user : <image> what ? assistant :", images=[b"not an image"]), 400, "decode"),
+        (GenerationRequest(prompt=" ".join(["what"] * 70)), 400, "context length"),
+        (GenerationRequest(prompt="   "), 400, "empty"),
+        (GenerationRequest(prompt="user : what ?", sampling=SamplingParams(top_p=0.0)), 400, "top_p"),
+        (GenerationRequest(prompt="user : what ?", sampling=SamplingParams(temperature=-1)), 400, "temperature"),
+        (GenerationRequest(prompt="user : <image> what ?"), 400, "image"),
+        (GenerationRequest(adapter="peft_lora", prompt="user : what ?", classify="shape"), 404, "classify head"),
+    ]
+    for req, status, words in bad:
+        with pytest.raises(RequestError, match=words) as err:
+            engine.submit(req)
+        assert err.value.status == status
+    results = run(engine, workload()[:6])
+    assert [r.token_ids for r in results] == expected[:6]
+
+
+def test_cancel_frees_the_slot_and_unload_waits_for_running_requests(engine, expected):
+    engine.policy = make_policy("unmerged")
+    long = engine.submit(request("peft_lora_mlp", "user : what colour ? assistant :", None, 40))
+    engine.step()
+    assert engine.stats().running == 1
+    with pytest.raises(RequestError, match="in use by 1 running"):
+        engine.unload_adapter("peft_lora_mlp")
+    long.cancel()
+    engine.step()
+    assert long.result(0).finish_reason == "cancelled" and engine.stats().running == 0
+    waiting = engine.submit(request("peft_lora_mlp", "user : what ? assistant :", None, 3))
+    engine.unload_adapter("peft_lora_mlp")
+    engine.step()
+    assert waiting.result(0).finish_reason == "error" and waiting.result(0).status == 404
+    with pytest.raises(RequestError, match="does not exist") as err:
+        engine.submit(request("peft_lora_mlp", "user : what ? assistant :", None, 3))
+    assert err.value.status == 404
