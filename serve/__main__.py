@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import pathlib
@@ -21,25 +20,11 @@ import sys
 
 import uvicorn
 
+from serve.batch import add_engine_arguments, engine_from_args, parse_lora_modules
+from serve.engine import RequestError
 from serve.http import ServerSettings, create_app
 
 log = logging.getLogger("serve")
-
-POLICIES = ("valora", "unmerged", "dlora", "merged-fcfs")
-
-
-def lora_module(text: str) -> tuple[str, str]:
-    """vLLM's `--lora-modules` item: NAME=DIR, or JSON {"name": ..., "path": ...}."""
-    if text.lstrip().startswith("{"):
-        try:
-            spec = json.loads(text)
-            return str(spec["name"]), str(spec["path"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected JSON with \"name\" and \"path\" ({exc})")
-    name, sep, path = text.partition("=")
-    if not (sep and name and path):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=DIR or JSON")
-    return name, path
 
 
 def _truthy(value: str | None) -> bool:
@@ -49,25 +34,14 @@ def _truthy(value: str | None) -> bool:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = p.add_argument_group("model and adapters (engine settings left unset take the engine's defaults)")
-    model.add_argument("--model", default="tiny", help="a local HF model directory, or 'tiny' (default)")
-    model.add_argument("--served-model-name", help="the base model's name in the API (default: --model)")
-    model.add_argument("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=DIR",
-                       help="adapters to serve: NAME=DIR or '{\"name\": NAME, \"path\": DIR}', one or more")
-    model.add_argument("--enable-lora", action="store_true",
-                       help="accepted for vLLM compatibility; adapters are always enabled")
-    model.add_argument("--max-loras", type=int, help="adapters resident on the device at once (engine: 8)")
-    model.add_argument("--max-lora-rank", type=int, help="largest adapter rank (engine: 64)")
-    model.add_argument("--max-cpu-loras", type=int, help="vLLM's host-memory adapter cache size; this engine "
-                       "keeps every loaded adapter in host memory, so the flag is refused when set")
-    model.add_argument("--policy", choices=POLICIES, help="orchestration policy (engine: valora)")
-    model.add_argument("--chat-template", type=pathlib.Path, help="a Jinja chat template file overriding the "
-                       "processor's")
-    model.add_argument("--max-model-len", type=int, help="context length: prompt plus output tokens")
-    model.add_argument("--max-num-seqs", type=int, help="decode slots (engine: 8)")
-    model.add_argument("--max-waiting", type=int, help="waiting requests before new ones get 429 (engine: 256)")
-    model.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights and activations "
-                       "(engine: float32)")
+    engine = p.add_argument_group("model, adapters and engine (as `python -m serve.batch`)")
+    add_engine_arguments(engine)
+    engine.add_argument("--max-waiting", type=int, default=256,
+                        help="requests that may wait for a decode slot before new ones get 429 (default 256)")
+    engine.add_argument("--enable-lora", action="store_true",
+                        help="accepted for vLLM compatibility; adapters are always enabled")
+    engine.add_argument("--max-cpu-loras", type=int, help="vLLM's host-memory adapter cache size; this engine "
+                        "keeps every loaded adapter in host memory, so the flag is refused when set")
 
     http = p.add_argument_group("server")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -80,32 +54,11 @@ def parser() -> argparse.ArgumentParser:
                            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     http.add_argument("--allowed-local-media-path", type=pathlib.Path,
                       help="let image_url name local files under this directory (default: data URLs only)")
-    http.add_argument("--default-max-tokens", type=int, default=16,
-                      help="output limit of a request that sets no max_tokens (default 16)")
     http.add_argument("--shutdown-timeout", type=float, default=30.0,
                       help="seconds in-flight requests get to finish after SIGINT/SIGTERM (default 30)")
     http.add_argument("--uvicorn-log-level", default="info",
                       choices=("critical", "error", "warning", "info", "debug", "trace"))
     return p
-
-
-ENGINE_SETTINGS = ("max_loras", "max_lora_rank", "policy", "max_model_len", "max_num_seqs",
-                   "max_waiting", "dtype", "served_model_name")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    lora_modules = dict(args.lora_modules)
-    if len(lora_modules) != len(args.lora_modules):
-        raise SystemExit("--lora-modules: an adapter name is given twice")
-    if args.max_cpu_loras is not None:
-        raise SystemExit("--max-cpu-loras: this engine keeps every loaded adapter in host memory; leave it unset")
-    kwargs = {name: getattr(args, name) for name in ENGINE_SETTINGS if getattr(args, name) is not None}
-    if args.chat_template is not None:
-        try:
-            kwargs["chat_template"] = args.chat_template.read_text()
-        except OSError as exc:
-            raise SystemExit(f"--chat-template: cannot read {args.chat_template}: {exc.strerror}")
-    return {"lora_modules": lora_modules, **kwargs}
 
 
 class _Server(uvicorn.Server):
@@ -126,17 +79,26 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = parser()
+    args = p.parse_args(argv)
+    if args.max_cpu_loras is not None:
+        p.error("--max-cpu-loras: this engine keeps every loaded adapter in host memory; leave it unset")
     if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
-        raise SystemExit(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a directory")
-    from serve.engine import Engine
-
-    engine = Engine.from_pretrained(args.model, **engine_kwargs(args))
+        p.error(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a directory")
+    if args.chat_template is not None and not args.chat_template.is_file():
+        p.error(f"--chat-template: {args.chat_template} is not a file")
+    try:
+        lora_modules = parse_lora_modules(args.lora_modules)
+    except argparse.ArgumentTypeError as err:
+        p.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine = engine_from_args(args, max_waiting=args.max_waiting)
+    except RequestError as err:
+        p.error(f"--lora-modules: {err}")
     settings = ServerSettings(api_key=args.api_key, allow_runtime_lora_updating=args.allow_runtime_lora_updating,
-                              allowed_local_media_path=args.allowed_local_media_path,
-                              default_max_tokens=args.default_max_tokens, model_root=args.model,
-                              lora_paths=dict(args.lora_modules))
+                              allowed_local_media_path=args.allowed_local_media_path, model_root=args.model,
+                              lora_paths=lora_modules)
     app = create_app(engine, settings)
     # uvicorn's own graceful timeout is only a backstop: `_Server` cancels what is left in the engine first.
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,

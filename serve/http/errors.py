@@ -1,9 +1,9 @@
-"""OpenAI's error object and the exception that carries one to the client.
+"""The exception that carries OpenAI's error object (`serve.protocol.error_body`) to the client.
 
 Every failure the server answers is `{"error": {"message", "type", "param", "code"}}` with the HTTP status
 that fits it (the `openai` client raises its exception class by status): 400 bad input, 401 a wrong or
-missing API key, 404 an unknown model or adapter, 429 and 503 overload or a dead engine with
-`Retry-After`, 500 only for a bug in the server itself.
+missing API key, 404 an unknown model or adapter, 429 and 503 overload or a dead engine, with
+`Retry-After` when the engine says when to retry, 500 only for a bug in the server itself.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import math
 
 from fastapi.responses import JSONResponse
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+from serve import protocol
 
 
 class APIError(Exception):
@@ -22,23 +21,18 @@ class APIError(Exception):
     def __init__(self, message: str, status: int = 400, *, param: str | None = None, code: str | None = None,
                  retry_after: float | None = None):
         super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.code = code
-        self.retry_after = retry_after
+        self.message, self.status, self.param, self.code, self.retry_after = message, status, param, code, retry_after
 
     @classmethod
     def from_engine(cls, exc: Exception) -> APIError:
-        """The engine's refusals carry their status (`RequestError` 400/404, overload 429, a dead engine 503)
-        and, when retrying makes sense, `retry_after` seconds."""
+        """The engine's refusals carry their status (`RequestError` 400/404, `EngineOverloaded` 429,
+        `EngineDead` 503) and, when retrying makes sense, `retry_after` seconds."""
         status = getattr(exc, "status", 500)
         code = "model_not_found" if status == 404 else None
         return cls(str(exc), status, code=code, retry_after=getattr(exc, "retry_after", None))
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return protocol.error_body(self.message, self.status, param=self.param, code=self.code)
 
     def response(self) -> JSONResponse:
         headers = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import itertools
 import pathlib
 import threading
@@ -38,10 +39,22 @@ def render_prompt(request: GenerationRequest) -> str:
     return "\n".join(lines)
 
 
+def image_size(image) -> tuple[int, int]:
+    """The size of a PIL image, or of the image in bytes or a file (as the engine, RequestError when it
+    does not decode)."""
+    if isinstance(image, Image.Image):
+        return image.size
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return opened.size
+    except (OSError, ValueError) as exc:
+        raise RequestError(f"the image does not decode: {exc}") from None
+
+
 def expected_tokens(request: GenerationRequest) -> list[tuple[int, str]]:
     """The (token id, text) pairs the fake generates for `request`, before stop and length rules: 3 to 12
     words drawn from a hash of everything that determines the answer."""
-    sizes = [image.size for image in request.images]
+    sizes = [image_size(image) for image in request.images]
     seed = request.sampling.seed if request.sampling.temperature > 0 else None
     digest = hashlib.sha256(repr((request.adapter, render_prompt(request), sizes, seed)).encode()).digest()
     length = 3 + digest[0] % 10
@@ -97,7 +110,7 @@ class FakeEngine:
                         **settings) -> FakeEngine:
         """The engine's constructor's shape: `lora_modules` name the adapters (paths are not read)."""
         engine = cls(adapters=tuple(lora_modules), served_model_name=served_model_name or model,
-                     **{k: v for k, v in settings.items() if k in ("max_num_seqs", "max_waiting", "max_loras", "max_model_len")})
+                     **{k: v for k, v in settings.items() if k in ("max_num_seqs", "max_waiting", "max_loras", "max_model_len") and v is not None})
         engine.settings = settings
         return engine
 
@@ -142,8 +155,8 @@ class FakeEngine:
                     for p in m["content"] if p["type"] == "image")
         if request.messages is not None and slots != len(request.images):
             raise RequestError(f"{slots} image slots but {len(request.images)} images")
-        if not all(isinstance(image, Image.Image) for image in request.images):
-            raise RequestError("images must be PIL images")
+        for image in request.images:
+            image_size(image)
         prompt = render_prompt(request)
         prompt_tokens = len(prompt.split()) + 4 * len(request.images)
         if not prompt.strip():
@@ -197,7 +210,7 @@ class FakeEngine:
         if entry.handle.cancelled:
             return self._cancel(entry)
         if request.classify is not None:
-            result.label = f"{request.classify}-{entry.tokens[0][0] % 3}"
+            result.label = result.text = f"{request.classify}-{entry.tokens[0][0] % 3}"  # as the engine
             result.first_token = time.monotonic()
             self._finish(entry, "stop")
             return True
@@ -225,6 +238,8 @@ class FakeEngine:
         return CLASSIFY_TASKS.get(adapter, [])
 
     def load_adapter(self, name: str, path: str) -> None:
+        if name == self.served_model_name:
+            raise RequestError(f"adapter name {name!r} is the base model's name")
         if name in self._adapters:
             raise RequestError(f"adapter {name!r} is already loaded")
         if not (pathlib.Path(path) / "adapter_config.json").is_file():

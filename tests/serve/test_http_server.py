@@ -162,14 +162,11 @@ def test_sse_framing_ends_with_done(server):
     assert payloads[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_completions_batched_prompts_and_token_ids(client):
-    reply = client.completions.create(model="fake-base", prompt=["one two", "three"], max_tokens=4, temperature=0,
-                                      n=2)
-    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
-    for choice, prompt in zip(reply.choices, ["one two", "one two", "three", "three"]):
-        text, _ = expected_answer(GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=4)))
-        assert choice.text == text
-    assert reply.usage.prompt_tokens == 3
+def test_completions_of_text_and_token_ids(client):
+    reply = client.completions.create(model="fake-base", prompt="one two", max_tokens=4, temperature=0, n=2)
+    text = expected_answer(GenerationRequest(prompt="one two", sampling=SamplingParams(max_tokens=4)))[0]
+    assert [(c.index, c.text) for c in reply.choices] == [(0, text), (1, text)]
+    assert reply.usage.prompt_tokens == 2 and reply.usage.completion_tokens == 2 * len(text.split())
     by_ids = client.completions.create(model="a", prompt=[5, 6, 7], max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == expected_answer(
         GenerationRequest(adapter="a", prompt_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=4)))[0]
@@ -178,13 +175,12 @@ def test_completions_batched_prompts_and_token_ids(client):
     assert texts == {0: by_ids.choices[0].text}
 
 
-def test_seeded_sampling_is_repeatable_and_choices_get_their_own_seeds(client):
-    kwargs = dict(model="a", messages=chat_messages("sample"), temperature=0.8, seed=7, n=2, max_tokens=8)
-    first, second = (client.chat.completions.create(**kwargs) for _ in range(2))
-    assert [c.message.content for c in first.choices] == [c.message.content for c in second.choices]
-    for index, choice in enumerate(first.choices):
-        assert choice.message.content == expected_answer(
-            engine_request("a", "sample", max_tokens=8, seed=7 + index, temperature=0.8))[0]
+def test_seeded_sampling_is_repeatable(client):
+    kwargs = dict(model="a", messages=chat_messages("sample"), temperature=0.8, seed=7, max_tokens=8)
+    first, second = (client.chat.completions.create(**kwargs).choices[0].message.content for _ in range(2))
+    assert first == second == expected_answer(engine_request("a", "sample", max_tokens=8, seed=7,
+                                                             temperature=0.8))[0]
+    assert first != expected_answer(engine_request("a", "sample", max_tokens=8, seed=8, temperature=0.8))[0]
 
 
 def test_logprobs_of_the_sampled_tokens(client):
@@ -229,21 +225,27 @@ def test_unknown_model_is_404(client, server):
 
 
 BAD_BODIES = {
+    "missing model": ({"messages": chat_messages("x")}, "'model'"),
     "missing messages": ({"model": "a"}, "messages"),
     "empty messages": ({"model": "a", "messages": []}, "messages"),
     "wrong-typed max_tokens": ({"model": "a", "messages": chat_messages("x"), "max_tokens": "many"}, "max_tokens"),
-    "temperature out of range": ({"model": "a", "messages": chat_messages("x"), "temperature": 7}, "temperature"),
+    "temperature out of range": ({"model": "a", "messages": chat_messages("x"), "temperature": 200}, "temperature"),
     "top_p zero": ({"model": "a", "messages": chat_messages("x"), "top_p": 0}, "top_p"),
-    "unknown role": ({"model": "a", "messages": [{"role": "robot", "content": "x"}]}, "role"),
-    "unknown part": ({"model": "a", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "content"),
+    "role not a string": ({"model": "a", "messages": [{"role": 5, "content": "x"}]}, "role"),
+    "unknown part": ({"model": "a", "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+                     "unsupported message part"),
     "undecodable image": ({"model": "a", "messages": chat_messages("x", "data:image/png;base64,aGVsbG8=")},
                           "does not decode"),
     "not base64": ({"model": "a", "messages": chat_messages("x", "data:image/png;base64,@@@")}, "base64"),
-    "http url": ({"model": "a", "messages": chat_messages("x", "https://example.com/cat.png")}, "fetches nothing"),
+    "http url": ({"model": "a", "messages": chat_messages("x", "https://example.com/cat.png")}, "not fetched"),
     "prompt too long": ({"model": "a", "messages": chat_messages("word " * 60)}, "exceeds"),
     "top_logprobs": ({"model": "a", "messages": chat_messages("x"), "logprobs": True, "top_logprobs": 2},
                      "top_logprobs"),
     "empty prompt": ({"model": "a", "prompt": []}, "prompt"),
+    "several prompts": ({"model": "a", "prompt": ["one", "two"]}, "prompt"),
+    "stream not a boolean": ({"model": "a", "prompt": "x", "stream": "yes"}, "'stream'"),
+    "logprobs > 0": ({"model": "a", "prompt": "x", "logprobs": 2}, "logprobs"),
+    "n out of range": ({"model": "a", "prompt": "x", "n": 0}, "'n'"),
 }
 
 
@@ -254,9 +256,10 @@ def test_bad_input_is_400_with_an_error_object(server, name):
     assert_error(post(server, path, body), 400, needle)
 
 
-def test_malformed_json_is_400(server):
+def test_malformed_json_and_non_object_bodies_are_400(server):
     assert_error(post(server, "/v1/chat/completions", content=b'{"model": "a", "messages": [',
                       headers={"content-type": "application/json"}), 400, "not valid JSON")
+    assert_error(post(server, "/v1/completions", ["a", "x"]), 400, "JSON object")
 
 
 def test_bad_requests_do_not_disturb_others(client, server):

@@ -17,7 +17,9 @@ import time
 import httpx
 import pytest
 
-from serve.__main__ import engine_kwargs, parser
+import serve.batch
+from serve.__main__ import main as serve_main
+from serve.__main__ import parser
 from serve.http import create_app
 from serve.loadtest import is_loopback
 from serve.loadtest import main as loadtest_main
@@ -29,7 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUNNER = """
 import os
 import sys
-import serve.engine
+import serve.batch
 from tests.serve.fake_engine import FakeEngine
 
 def from_pretrained(model, **kwargs):
@@ -37,38 +39,60 @@ def from_pretrained(model, **kwargs):
     engine.step_s = float(os.environ["FAKE_STEP_S"])
     return engine
 
-serve.engine.Engine = type("Engine", (), {"from_pretrained": staticmethod(from_pretrained)})
+serve.batch.Engine = type("Engine", (), {"from_pretrained": staticmethod(from_pretrained)})
 from serve.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_vllm_flags_reach_the_engine(tmp_path):
+class _Built(Exception):
+    """Raised by the stand-in engine constructor once it has seen its arguments."""
+
+
+@pytest.fixture
+def engine_arguments(monkeypatch) -> dict:
+    seen = {}
+
+    def from_pretrained(model, **kwargs):
+        seen.update(model=model, **kwargs)
+        raise _Built
+
+    monkeypatch.setattr(serve.batch, "Engine", type("Engine", (), {"from_pretrained": staticmethod(from_pretrained)}))
+    return seen
+
+
+def test_vllm_flags_reach_the_engine(tmp_path, engine_arguments):
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages }}")
-    args = parser().parse_args([
-        "--model", "tiny", "--served-model-name", "base", "--lora-modules", "a=/adapters/a",
-        '{"name": "b", "path": "/adapters/b", "base_model_name": "base"}', "--max-loras", "4",
-        "--max-lora-rank", "16", "--policy", "dlora", "--chat-template", str(template),
-        "--max-model-len", "512", "--max-num-seqs", "3", "--enable-lora"])
-    assert engine_kwargs(args) == {
-        "lora_modules": {"a": "/adapters/a", "b": "/adapters/b"}, "served_model_name": "base", "max_loras": 4,
-        "max_lora_rank": 16, "policy": "dlora", "chat_template": "{{ messages }}",
-        "max_model_len": 512, "max_num_seqs": 3}
-    assert args.host == "127.0.0.1" and args.port == 8000
-    assert engine_kwargs(parser().parse_args([])) == {"lora_modules": {}}
-    for flags, message in ((["--max-cpu-loras", "4"], "host memory"),
-                           (["--chat-template", str(tmp_path / "missing")], "cannot read"),
-                           (["--lora-modules", "a=/x", "a=/y"], "twice")):
-        with pytest.raises(SystemExit, match=message):
-            engine_kwargs(parser().parse_args(flags))
+    with pytest.raises(_Built):
+        serve_main([
+            "--model", "tiny", "--served-model-name", "base", "--lora-modules", "a=/adapters/a",
+            '{"name": "b", "path": "/adapters/b", "base_model_name": "base"}', "--max-loras", "4",
+            "--max-lora-rank", "16", "--policy", "dlora", "--chat-template", str(template),
+            "--max-model-len", "512", "--max-num-seqs", "3", "--max-waiting", "9", "--enable-lora"])
+    assert engine_arguments == {
+        "model": "tiny", "lora_modules": {"a": "/adapters/a", "b": "/adapters/b"}, "served_model_name": "base",
+        "max_loras": 4, "max_lora_rank": 16, "policy": "dlora", "chat_template": "{{ messages }}",
+        "max_model_len": 512, "max_num_seqs": 3, "max_waiting": 9, "dtype": "float32", "backend": "auto"}
+    args = parser().parse_args([])
+    assert args.host == "127.0.0.1" and args.port == 8000 and not args.allow_runtime_lora_updating
 
 
-@pytest.mark.parametrize("bad", ["noequals", "=dir", '{"name": "x"}'])
-def test_malformed_lora_modules_are_refused(bad, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--max-cpu-loras", "4"], "host memory"), (["--chat-template", "/no/such/template"], "not a file"),
+    (["--lora-modules", "a=/x", "a=/y"], "twice"), (["--lora-modules", "noequals"], "NAME=DIR"),
+    (["--lora-modules", '{"name": "x"}'], "path"), (["--allowed-local-media-path", "/no/such/dir"], "directory")])
+def test_bad_flags_are_refused_before_the_engine_is_built(flags, message, engine_arguments, capsys):
     with pytest.raises(SystemExit):
-        parser().parse_args(["--lora-modules", bad])
-    assert "--lora-modules" in capsys.readouterr().err
+        serve_main(flags)
+    assert message in capsys.readouterr().err and not engine_arguments
+
+
+def test_runtime_lora_updating_follows_vllms_environment_variable(monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    monkeypatch.setenv("VLLM_API_KEY", "secret")
+    args = parser().parse_args([])
+    assert args.allow_runtime_lora_updating and args.api_key == "secret"
 
 
 def free_port() -> int:
