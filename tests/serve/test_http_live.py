@@ -1,6 +1,6 @@
 """The server over the real engine: the tiny LLaVA of tests/golden/llava_mha with two PEFT adapters made by
 `make golden`, on a live 127.0.0.1 server, driven by the official `openai` client. Greedy answers through
-HTTP equal the engine's own for the same request (the HTTP layer adds nothing and loses nothing),
+HTTP equal `serve.batch`'s for the same bodies (the HTTP layer adds nothing and loses nothing),
 streaming equals non-streaming, concurrent clients over both adapters and the base each get their serial
 answer, models are listed with their parent, adapters load and unload at runtime, and `python -m serve`
 starts, serves and stops on SIGTERM. Few requests, short outputs: each new adapter / batch shape compiles.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import shutil
 import signal
@@ -26,7 +27,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load_file, save_file
 
-from serve.engine import Engine, GenerationRequest, SamplingParams
+from serve.batch import run_batch
+from serve.engine import Engine
 from serve.http import ServerSettings, create_app
 from tests.serve.live_server import LiveServer
 from tests.serve.test_serve_cli import ROOT, free_port
@@ -67,16 +69,16 @@ def engine():
 
 @pytest.fixture(scope="module")
 def reference(engine) -> dict[tuple[str, int], str]:
-    """The engine's own greedy answer to each (model, picture) the tests ask about, without HTTP."""
-    answers = {}
-    for i, model in enumerate(MODELS):
-        request = GenerationRequest(
-            adapter=None if model == "llava_mha" else model, images=[picture(i)],
-            messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(i)}]}],
-            sampling=SamplingParams(max_tokens=MAX_TOKENS))
-        result = engine.generate(request)
-        assert result.finish_reason in ("stop", "length") and result.text, result
-        answers[model, i] = result.text
+    """`serve.batch`'s greedy answer to each (model, picture) the tests ask about: the same bodies through
+    the same engine, without HTTP."""
+    lines = [json.dumps({"custom_id": model, "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": model, "messages": openai_messages(i), "temperature": 0,
+                                  "max_tokens": MAX_TOKENS}}) for i, model in enumerate(MODELS)]
+    rows = run_batch(engine, lines, progress=False)
+    assert [row["error"] for row in rows] == [None] * len(MODELS), rows
+    answers = {(model, i): rows[i]["response"]["body"]["choices"][0]["message"]["content"]
+               for i, model in enumerate(MODELS)}
+    assert all(answers.values())
     return answers
 
 
