@@ -6,7 +6,7 @@ Shared by the HTTP server and `serve.batch`, so both accept the same bodies and 
   where the caller allows it; http(s) URLs are refused, since nothing is fetched).
 - Completions: `prompt` as a string, a list of one string, or a list of token ids.
 - Sampling: `temperature`, `top_p`, `top_k` (vLLM's extension), `seed`, `max_tokens` /
-  `max_completion_tokens`, `stop` (a string or a list), `stop_token_ids`; `n` copies.
+  `max_completion_tokens`, `stop` (a string or a list), `stop_token_ids` and `ignore_eos` (vLLM's); `n` copies.
 - Classify (this project's extension): `"classify": "<task>"` asks the adapter's head for that task;
   the answer (the label) is the message content, from one forward pass.
 """
@@ -63,7 +63,8 @@ def sampling_params(body: Mapping) -> SamplingParams:
         temperature=float(_field(body, "temperature", (int, float), 1.0)),
         top_k=max(0, _field(body, "top_k", int, 0)),  # vLLM's -1, like 0, disables it
         top_p=float(_field(body, "top_p", (int, float), 1.0)), seed=_field(body, "seed", int),
-        max_tokens=max_tokens, stop_token_ids=tuple(stop_ids), stop=stop)
+        max_tokens=max_tokens, stop_token_ids=tuple(stop_ids), stop=stop,
+        ignore_eos=bool(_field(body, "ignore_eos", bool, False)))
     params.check()
     return params
 
