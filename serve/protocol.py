@@ -151,28 +151,58 @@ def copies(body: Mapping) -> int:
     return n
 
 
-def response_body(kind: str, results: list[Result], model: str) -> dict[str, Any]:
-    """The chat.completion / text_completion object for `results` (one per choice)."""
+# The engine's "cancelled" is vLLM's "abort"; "stop" and "length" are OpenAI's own.
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort"}
+
+LogprobEntries = list[tuple[str, float]]
+
+
+def logprobs_body(kind: str, entries: LogprobEntries, offset: int = 0) -> dict[str, Any]:
+    """OpenAI's `logprobs` object of one choice from its (token text, log-probability) pairs: the sampled
+    tokens only (no alternatives). `offset`: where the first token starts in the choice's text."""
+    if kind == CHAT:
+        return {"content": [{"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+                            for token, logprob in entries]}
+    offsets = []
+    for token, _ in entries:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": [token for token, _ in entries], "token_logprobs": [logprob for _, logprob in entries],
+            "top_logprobs": None, "text_offset": offsets}
+
+
+def usage(results: list[Result]) -> dict[str, int]:
+    """Token counts of one request's choices: the prompt once, every choice's output."""
+    prompt = results[0].prompt_tokens if results else 0
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def response_body(kind: str, results: list[Result], model: str, *, request_id: str | None = None,
+                  logprobs: list[LogprobEntries] | None = None) -> dict[str, Any]:
+    """The chat.completion / text_completion object for `results` (one per choice), with each choice's
+    `logprobs` object when `logprobs` gives its entries."""
     choices = []
     for index, result in enumerate(results):
-        choice = {"index": index, "finish_reason": result.finish_reason, "logprobs": None}
+        choice = {"index": index, "finish_reason": FINISH_REASONS.get(result.finish_reason, result.finish_reason),
+                  "logprobs": None if logprobs is None else logprobs_body(kind, logprobs[index])}
         if kind == CHAT:
             choice["message"] = {"role": "assistant", "content": result.text}
         else:
             choice["text"] = result.text
         choices.append(choice)
-    prompt = results[0].prompt_tokens if results else 0
-    completion = sum(r.completion_tokens for r in results)
     return {
-        "id": f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if kind == CHAT else "text_completion",
-        "created": int(time.time()), "model": model, "choices": choices,
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        "id": request_id or new_id(kind), "object": "chat.completion" if kind == CHAT else "text_completion",
+        "created": int(time.time()), "model": model, "choices": choices, "usage": usage(results),
     }
 
 
-def error_body(message: str, status: int) -> dict[str, Any]:
-    """OpenAI's error object."""
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def error_body(message: str, status: int, *, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
+    """OpenAI's error object; `code` defaults to the status."""
     kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            429: "rate_limit_error"}.get(status, "server_error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+            429: "rate_limit_error", 503: "service_unavailable_error"}.get(status, "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status if code is None else code}}
