@@ -4,7 +4,6 @@ check that serving a run's adapters reproduces the training report's scores."""
 import base64
 import io
 import json
-import logging
 import textwrap
 
 import pytest
@@ -15,7 +14,7 @@ import train.cli
 import train.served
 from serve.batch import main, parse_lora_modules
 
-pytestmark = pytest.mark.xdist_group("batch_llava_mha")
+pytestmark = [pytest.mark.xdist_group("batch_llava_mha"), pytest.mark.usefixtures("root_logging")]
 
 
 def data_url(array) -> str:
@@ -30,15 +29,6 @@ def chat(custom_id, model, text, image=None, **body):
         content.insert(0, {"type": "image_url", "image_url": {"url": image}})
     return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
             "body": {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, **body}}
-
-
-@pytest.fixture(autouse=True)
-def root_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_batch_file_rows_in_order_with_bad_rows_failing_alone(golden_dir, tmp_path):

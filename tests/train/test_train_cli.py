@@ -4,7 +4,6 @@ Then the run folder's guards, which act before any model loads: a run is never r
 run that fails validation, and --resume takes the recorded settings."""
 
 import json
-import logging
 import textwrap
 
 import pytest
@@ -13,6 +12,8 @@ from PIL import Image
 import train.run
 from train.cli import job_config, main, parser, recorded_flags
 from train.run_folder import RECORD_FILE, write_record
+
+pytestmark = pytest.mark.usefixtures("root_logging")  # main() configures the root logger
 
 TWO_TASKS = """
     tasks:
@@ -25,16 +26,6 @@ TWO_TASKS = """
         n_train: 8
         n_val: 4
 """
-
-
-@pytest.fixture(autouse=True)
-def root_logging():
-    """main() configures the root logger (force=True); put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_job_writes_adapters_and_report(tmp_path, golden_dir, monkeypatch, capsys):

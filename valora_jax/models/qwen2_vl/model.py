@@ -20,7 +20,7 @@ from flax import nnx
 
 from valora_jax.config import TextConfig
 from valora_jax.kv_cache import KVCache
-from valora_jax.layers import Linear
+from valora_jax.layers import Linear, place_image_features
 from valora_jax.models.llama import LlamaModel, rope_cos_sin, rope_inv_freq
 from valora_jax.models.qwen2_vl.config import QwenVLConfig
 from valora_jax.models.qwen2_vl.inputs import VisionInputs, image_token_counts, rope_positions, vision_inputs
@@ -87,10 +87,7 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))
         if vision is None:
             return embeds
-        features = self.visual(vision).astype(embeds.dtype)
-        feature_index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
-        scattered = features[feature_index].reshape(embeds.shape)
-        return jnp.where(is_image[..., None], scattered, embeds)
+        return place_image_features(embeds, is_image, self.visual(vision))
 
     # -- language model ----------------------------------------------------------------------------------
     def logits(self, hidden: jax.Array) -> jax.Array:
