@@ -40,8 +40,6 @@ def parser() -> argparse.ArgumentParser:
                         help="requests that may wait for a decode slot before new ones get 429 (default 256)")
     engine.add_argument("--enable-lora", action="store_true",
                         help="accepted for vLLM compatibility; adapters are always enabled")
-    engine.add_argument("--max-cpu-loras", type=int, help="vLLM's host-memory adapter cache size; this engine "
-                        "keeps every loaded adapter in host memory, so the flag is refused when set")
 
     http = p.add_argument_group("server")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -81,8 +79,8 @@ class _Server(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.max_cpu_loras is not None:
-        p.error("--max-cpu-loras: this engine keeps every loaded adapter in host memory; leave it unset")
+    if args.max_cpu_loras is not None and args.max_cpu_loras < args.max_loras:
+        p.error(f"--max-cpu-loras {args.max_cpu_loras} must be at least --max-loras {args.max_loras}")
     if args.allowed_local_media_path is not None and not args.allowed_local_media_path.is_dir():
         p.error(f"--allowed-local-media-path: {args.allowed_local_media_path} is not a directory")
     if args.chat_template is not None and not args.chat_template.is_file():

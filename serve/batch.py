@@ -57,6 +57,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="adapters to serve: NAME=DIR or a JSON object {\"name\", \"path\"} each")
     p.add_argument("--max-loras", type=int, default=8, help="adapter slots on the device (distinct adapters per batch)")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank the slots hold")
+    p.add_argument("--max-cpu-loras", type=int,
+                   help="adapters whose weights stay in host memory (default: all); the least recently used beyond "
+                        "it are read from their directory again when requested")
     p.add_argument("--max-num-seqs", type=int, default=8, help="decode slots (requests running at once)")
     p.add_argument("--max-model-len", type=int, help="positions per decode slot: prompt + output (default: the model's)")
     p.add_argument("--policy", default="valora", choices=sorted(POLICIES), help="orchestration policy")
@@ -70,7 +73,7 @@ def engine_from_args(args, **kwargs) -> Engine:
     template = args.chat_template.read_text() if args.chat_template else None
     return Engine.from_pretrained(
         args.model, lora_modules=parse_lora_modules(args.lora_modules), max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         policy=args.policy, chat_template=template, dtype=args.dtype, backend=args.backend,
         served_model_name=args.served_model_name, **kwargs)
 

@@ -200,15 +200,17 @@ class Engine:
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str = TINY, *, lora_modules: Mapping[str, str] | None = None,
-                        max_loras: int = 8, max_lora_rank: int = 64, dtype: str = "float32",
+                        max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int | None = None,
+                        dtype: str = "float32",
                         backend: str = "auto", served_model_name: str | None = None, mesh=None, **kwargs) -> Engine:
         """An engine for `model` ("tiny" or a local HF LLaVA directory) with `lora_modules` (name -> adapter
-        directory) loaded into an `AdapterPool` of `max_loras` device slots of rank `max_lora_rank`."""
+        directory) loaded into an `AdapterPool` of `max_loras` device slots of rank `max_lora_rank`, at most
+        `max_cpu_loras` of them with their weights in host memory (default: all)."""
         if model == TINY:
             base, processor = tiny_base(jnp.dtype(dtype))
         else:
             base, processor = load_pretrained(model, dtype=jnp.dtype(dtype), mesh=mesh)
-        pool = AdapterPool(base, slots=max_loras, max_rank=max_lora_rank, backend=backend)
+        pool = AdapterPool(base, slots=max_loras, max_rank=max_lora_rank, backend=backend, host_capacity=max_cpu_loras)
         if mesh is not None:
             shard_model(base, mesh)  # the pool's slots too, by their logical axes
         engine = cls(base, processor, pool, served_model_name=served_model_name or pathlib.Path(model).name,

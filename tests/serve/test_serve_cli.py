@@ -69,17 +69,19 @@ def test_vllm_flags_reach_the_engine(tmp_path, engine_arguments):
             "--model", "tiny", "--served-model-name", "base", "--lora-modules", "a=/adapters/a",
             '{"name": "b", "path": "/adapters/b", "base_model_name": "base"}', "--max-loras", "4",
             "--max-lora-rank", "16", "--policy", "dlora", "--chat-template", str(template),
-            "--max-model-len", "512", "--max-num-seqs", "3", "--max-waiting", "9", "--enable-lora"])
+            "--max-model-len", "512", "--max-num-seqs", "3", "--max-waiting", "9", "--enable-lora",
+            "--max-cpu-loras", "6"])
     assert engine_arguments == {
         "model": "tiny", "lora_modules": {"a": "/adapters/a", "b": "/adapters/b"}, "served_model_name": "base",
-        "max_loras": 4, "max_lora_rank": 16, "policy": "dlora", "chat_template": "{{ messages }}",
+        "max_loras": 4, "max_lora_rank": 16, "max_cpu_loras": 6, "policy": "dlora", "chat_template": "{{ messages }}",
         "max_model_len": 512, "max_num_seqs": 3, "max_waiting": 9, "dtype": "float32", "backend": "auto"}
     args = parser().parse_args([])
     assert args.host == "127.0.0.1" and args.port == 8000 and not args.allow_runtime_lora_updating
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max-cpu-loras", "4"], "host memory"), (["--chat-template", "/no/such/template"], "not a file"),
+    (["--max-cpu-loras", "2", "--max-loras", "4"], "at least --max-loras"),
+    (["--chat-template", "/no/such/template"], "not a file"),
     (["--lora-modules", "a=/x", "a=/y"], "twice"), (["--lora-modules", "noequals"], "NAME=DIR"),
     (["--lora-modules", '{"name": "x"}'], "path"), (["--allowed-local-media-path", "/no/such/dir"], "directory")])
 def test_bad_flags_are_refused_before_the_engine_is_built(flags, message, engine_arguments, capsys):
