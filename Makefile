@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml requirements.lock scripts/find_python312.sh
 
 venv: $(STAMP)
 
+# The training job on the embedded default (runs/default, replaced on each run), then its adapters served
+# on the validation examples in one mixed-adapter serve.batch run, scored beside the training report.
+DEMO := runs/default
 demo: $(STAMP)
-	$(PY) -m train
+	$(PY) -m train --out $(DEMO) --overwrite
+	$(PY) -m serve.batch --model tiny --lora-modules $$(cat $(DEMO)/served/lora_modules.txt) \
+		-i $(DEMO)/served/requests.jsonl -o $(DEMO)/served/responses.jsonl
+	$(PY) -m train.served $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup

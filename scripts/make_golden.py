@@ -19,6 +19,16 @@ Writes, under --out (see tests/golden/README.md for the full description):
   peft_lora.outputs.safetensors   adapted and merged logits (+ greedy generation) on llava_mha's inputs
   peft_lora_vision/               PEFT LoRA adapter (vision q/k/v/out + LM q/v, with a rank_pattern)
   peft_lora_vision.outputs.safetensors
+  qwen2_vl/                       tiny Qwen2VLForConditionalGeneration (tied), published layout (save_pretrained:
+                                  visual.*, model.*), tokenizer + Qwen2VLImageProcessorPil files
+  qwen2_vl.outputs.safetensors    inputs (3 images of different sizes, 2 prompts), logits, M-RoPE positions,
+                                  merged image features, greedy generations
+  qwen2_5_vl/                     tiny Qwen2_5_VLForConditionalGeneration (untied, ragged windows), transformers 5
+                                  in-memory names (model.visual.*, model.language_model.*, lm_head.*)
+  qwen2_5_vl.outputs.safetensors
+  peft_lora_qwen2_5_vl/           PEFT LoRA on qwen2_5_vl: vision blocks (qkv, proj, gated MLP) + decoder
+  peft_lora_qwen2_5_vl.outputs.safetensors   adapted / merged logits and greedy generation on qwen2_5_vl's inputs
+`--only llava` / `--only qwen` regenerates one family's files and leaves the others alone.
 
 The reverse direction (an adapter the JAX side saved with `save_adapter`, loaded into PEFT):
   python scripts/make_golden.py --out tests/golden --saved-adapter jax_saved_lora
@@ -213,8 +223,8 @@ def legacy_config_json() -> dict:
 # weights
 
 
-_NORM_RE = re.compile(r"(norm|layrnorm|layer_norm)[^.]*\.weight$")
-_NORM_BIAS_RE = re.compile(r"(norm|layrnorm|layer_norm)[^.]*\.bias$")
+_NORM_RE = re.compile(r"(norm|layrnorm|layer_norm|ln_q)[^.]*\.weight$")
+_NORM_BIAS_RE = re.compile(r"(norm|layrnorm|layer_norm|ln_q)[^.]*\.bias$")
 
 
 def init_weights(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
@@ -592,6 +602,281 @@ def record_saved_adapter(out: pathlib.Path, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL
+
+
+QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2
+# Prompt 0 (shorter, left-padded in the batch) has one image, prompt 1 two images of other sizes; the
+# single (unbatched) example is prompt 0 with its image. Sizes in pixels (h, w), multiples of patch * merge.
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_PROMPTS = (
+    f"user : {QWEN_IMAGE} what colour is the circle ? assistant :",
+    f"user : {QWEN_IMAGE} {QWEN_IMAGE} how many red shapes are there in this image ? assistant :",
+)
+QWEN_IMAGE_SIZES = ((16, 24), (24, 24), (32, 16))
+
+
+def qwen_ids() -> dict[str, int]:
+    from valora_jax.models.tiny_processor import tiny_vocab
+
+    base = len(tiny_vocab())
+    return {tok: base + i for i, tok in enumerate(QWEN_SPECIALS)}
+
+
+def qwen_tokenizer():
+    """The tiny word-level tokenizer with Qwen's vision tokens appended (ids after the tiny vocabulary)."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from valora_jax.models.tiny_processor import tiny_vocab
+
+    vocab = {**tiny_vocab(), **qwen_ids()}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<|image_pad|>"}, padding_side="left",
+    )
+    ids = tokenizer.convert_tokens_to_ids(list(QWEN_SPECIALS))
+    assert ids == [qwen_ids()[t] for t in QWEN_SPECIALS], ids
+    return tokenizer
+
+
+def qwen_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TEMPORAL, merge_size=QWEN_MERGE,
+                                    min_pixels=8 * 8, max_pixels=64 * 64)
+
+
+def qwen_config(version: str):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    from valora_jax.models.tiny_processor import BOS_ID, EOS_ID, PAD_ID
+
+    ids = qwen_ids()
+    text = dict(vocab_size=tiny_vocab_size() + len(QWEN_SPECIALS), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu",
+                max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                eos_token_id=EOS_ID,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if version == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, hidden_act="quick_gelu",
+                      patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL)
+        return Qwen2VLConfig(vision_config=vision, text_config={**text, "tie_word_embeddings": True},
+                             tie_word_embeddings=True, **common)
+    # window 16 px = 2x2 merged tokens: images of 2x3, 3x3 and 4x2 merged tokens give ragged edge windows
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, hidden_act="silu",
+                  patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
+                  window_size=16, out_hidden_size=64, fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(vision_config=vision, text_config={**text, "tie_word_embeddings": False},
+                            tie_word_embeddings=False, **common)
+
+
+def qwen_model_class(version: str):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    return {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[version]
+
+
+def qwen_inputs(tokenizer, image_processor, prompts, images, image_token_id) -> dict[str, torch.Tensor]:
+    """What Qwen2VLProcessor returns for images: `<|image_pad|>` expanded per image, flattened patches."""
+    vision = image_processor(images=list(images), return_tensors="pt")
+    counts = iter((vision["image_grid_thw"].prod(-1) // QWEN_MERGE**2).tolist())
+    texts = []
+    for prompt in prompts:
+        parts = prompt.split("<|image_pad|>")
+        texts.append(parts[0] + "".join("<|image_pad|>" * next(counts) + p for p in parts[1:]))
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    ids = tokens["input_ids"]
+    assert not (ids == tokenizer.unk_token_id).any(), "a prompt word is outside the tiny vocabulary"
+    return {"input_ids": ids, "attention_mask": tokens["attention_mask"], "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"], "mm_token_type_ids": (ids == image_token_id).int()}
+
+
+@torch.no_grad()
+def qwen_greedy(model, inputs) -> tuple[torch.Tensor, float]:
+    """`generate` greedy (KV cache, M-RoPE decode positions from the prompt's rope delta), checked against a
+    naive argmax loop (full forward each step, positions recomputed from the whole sequence)."""
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=None,
+                          pad_token_id=0, bos_token_id=1)
+    prompt_len = inputs["input_ids"].shape[1]
+    model.generation_config.eos_token_id = None  # else generate merges the config's eos into `gc`
+    new = model.generate(**inputs, generation_config=gc)[:, prompt_len:]
+    assert new.shape[1] == MAX_NEW_TOKENS, new.shape
+    # a generated vision token would be taken for an image placeholder by the naive loop's full forward
+    assert not np.isin(new.numpy(), list(qwen_ids().values())).any(), f"vision token generated (pick a seed): {new}"
+    step, margin, naive = dict(inputs), float("inf"), []
+    for _ in range(MAX_NEW_TOKENS):
+        last = model(**step).logits.float()[:, -1]
+        top2 = torch.topk(last, 2, dim=-1).values
+        margin = min(margin, float((top2[:, 0] - top2[:, 1]).min()))
+        nxt = last.argmax(-1, keepdim=True)
+        naive.append(nxt)
+        step["input_ids"] = torch.cat([step["input_ids"], nxt], dim=1)
+        step["attention_mask"] = torch.cat([step["attention_mask"], torch.ones_like(nxt)], dim=1)
+        step["mm_token_type_ids"] = torch.cat([step["mm_token_type_ids"], torch.zeros_like(nxt).int()], dim=1)
+    naive = torch.cat(naive, dim=1)
+    if not torch.equal(naive, new):
+        raise AssertionError(f"generate != naive greedy loop:\n{new}\n{naive}")
+    return new, margin
+
+
+def qwen_reference(model, inputs) -> tuple[dict[str, np.ndarray], dict]:
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+        position_ids, deltas = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"])
+        feats = torch.cat(list(model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
+    gen, margin = qwen_greedy(model, inputs)
+
+    # unbatched: prompt 0 with its image, no padding
+    mask = inputs["attention_mask"]
+    real0 = mask[0].bool()
+    n0 = int(inputs["image_grid_thw"][0].prod())
+    single = {"input_ids": inputs["input_ids"][:1, real0], "attention_mask": mask[:1, real0],
+              "pixel_values": inputs["pixel_values"][:n0], "image_grid_thw": inputs["image_grid_thw"][:1],
+              "mm_token_type_ids": inputs["mm_token_type_ids"][:1, real0]}
+    with torch.no_grad():
+        s_logits = model(**single).logits.float()
+    s_gen, s_margin = qwen_greedy(model, single)
+    d = (s_logits[0] - logits[0, real0]).abs().max().item()
+    assert d < 1e-4, f"padded vs unpadded logits differ by {d}"
+    assert torch.equal(s_gen, gen[:1]), (s_gen, gen[:1])
+    for row in gen:
+        assert len(set(row.tolist())) > 2, f"greedy generation too repetitive: {row.tolist()}"
+    assert float(logits[mask.bool()].std()) > 0.5, "logits too close to uniform"
+    assert min(margin, s_margin) > MIN_GREEDY_MARGIN, f"greedy margin too small: {min(margin, s_margin)}"
+    as_np = lambda t, dt: t.numpy().astype(dt)  # noqa: E731
+    arrays = {
+        "input_ids": as_np(inputs["input_ids"], np.int64),
+        "attention_mask": as_np(mask, np.int64),
+        "pixel_values": as_np(inputs["pixel_values"], np.float32),
+        "image_grid_thw": as_np(inputs["image_grid_thw"], np.int64),
+        "position_ids": as_np(position_ids, np.int64),
+        "rope_deltas": as_np(deltas.reshape(-1), np.int64),
+        "logits": as_np(logits, np.float32),
+        "image_features": as_np(feats, np.float32),
+        "generated_ids": as_np(gen, np.int64),
+        "single_input_ids": as_np(single["input_ids"], np.int64),
+        "single_logits": as_np(s_logits, np.float32),
+        "single_generated_ids": as_np(s_gen, np.int64),
+    }
+    meta = {
+        "prompts": json.dumps(list(QWEN_PROMPTS)),
+        "image_sizes": json.dumps(QWEN_IMAGE_SIZES),
+        "greedy_min_top2_margin": f"{min(margin, s_margin):.6f}",
+        "max_new_tokens": str(MAX_NEW_TOKENS),
+        "logits": "HF forward with mm_token_type_ids (M-RoPE positions from get_rope_index over the mask); "
+                  "pad rows are not meaningful",
+        "generated_ids": "new tokens only; greedy, eos_token_id=None (never stops, never suppressed)",
+    }
+    return arrays, meta
+
+
+def to_v5_names(state_dict: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+    """The names transformers 5 keeps in memory (`model.visual.*`, `model.language_model.*`, `lm_head.*`)."""
+    return {k: v.detach().clone().contiguous() for k, v in state_dict.items() if not (tied and k == "lm_head.weight")}
+
+
+def build_qwen(out: pathlib.Path, version: str, seed: int) -> None:
+    """`qwen2_vl`: tied embeddings, published layout (`save_pretrained`: `visual.*`, `model.*`, no lm_head);
+    `qwen2_5_vl`: untied, transformers 5's names (`model.visual.*`, `model.language_model.*`, `lm_head.*`)."""
+    set_determinism(0)
+    mdir = out / version
+    config = qwen_config(version)
+    config._attn_implementation = "eager"
+    model_class = qwen_model_class(version)
+    model = model_class(config).to(torch.float32).eval()
+    init_weights(model, seed=seed)
+    tied = config.tie_word_embeddings
+    if version == "qwen2_vl":
+        model.save_pretrained(str(mdir))
+    else:
+        mdir.mkdir(parents=True)
+        config.save_pretrained(str(mdir))
+        torch_save_file(to_v5_names(model.state_dict(), tied), str(mdir / "model.safetensors"),
+                        metadata={"format": "pt"})
+    tokenizer, image_processor = qwen_tokenizer(), qwen_image_processor()
+    tokenizer.save_pretrained(str(mdir))
+    image_processor.save_pretrained(str(mdir))
+
+    loaded = model_class.from_pretrained(str(mdir), attn_implementation="eager", dtype=torch.float32).eval()
+    sd_new, sd_old = loaded.state_dict(), model.state_dict()
+    assert sd_new.keys() == sd_old.keys()
+    for k in sd_old:
+        assert torch.equal(sd_new[k], sd_old[k]), f"{k} differs after reload"
+
+    rng = np.random.default_rng(seed + 100)
+    images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in QWEN_IMAGE_SIZES]
+    inputs = qwen_inputs(tokenizer, image_processor, QWEN_PROMPTS, images, config.image_token_id)
+    assert inputs["attention_mask"][0].sum() < inputs["attention_mask"][1].sum(), "prompt 0 must be padded"
+    grids = inputs["image_grid_thw"].tolist()
+    assert grids == [[1, h // QWEN_PATCH, w // QWEN_PATCH] for h, w in QWEN_IMAGE_SIZES], grids
+    arrays, meta = qwen_reference(loaded, inputs)
+    arrays.update({f"image_{i}": im for i, im in enumerate(images)})
+    meta["model"] = version
+    meta["layout"] = "published (save_pretrained)" if version == "qwen2_vl" else "transformers 5 in-memory names"
+    save_outputs(out / f"{version}.outputs.safetensors", arrays, meta)
+    return mdir, inputs
+
+
+QWEN_LORA_TARGETS = (r".*(visual\.blocks.*\.(qkv|proj|gate_proj|up_proj|down_proj)"
+                     r"|language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj))")
+
+
+def build_qwen_adapter(out: pathlib.Path, base_dir: pathlib.Path, inputs, seed: int) -> None:
+    """PEFT LoRA on the vision blocks (fused qkv, proj, gated MLP) and the decoder of `base_dir` (Qwen2.5-VL)."""
+    from peft import LoraConfig, get_peft_model
+
+    set_determinism(0)
+    model_class = qwen_model_class("qwen2_5_vl")
+    load = lambda: model_class.from_pretrained(str(base_dir), attn_implementation="eager",  # noqa: E731
+                                               dtype=torch.float32).eval()
+    base = load()
+    base.name_or_path = base.config._name_or_path = base_dir.name
+    lora = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, bias="none", target_modules=QWEN_LORA_TARGETS,
+                      base_model_name_or_path=base_dir.name)
+    peft_model = get_peft_model(base, lora).eval()
+    init_lora(peft_model, seed)
+    adapted = {name for name, _ in peft_model.named_modules() if name.endswith(".lora_A")}
+    assert any(".visual.blocks." in n for n in adapted) and any(".language_model." in n for n in adapted), adapted
+    with torch.no_grad():
+        logits = peft_model(**inputs).logits.float()
+        base_logits = load()(**inputs).logits.float()
+    mask = inputs["attention_mask"].bool()
+    change = (logits - base_logits)[mask].abs().max().item()
+    assert change > 0.1, f"adapter barely changes the logits ({change})"
+    gen, margin = qwen_greedy(peft_model, inputs)
+    assert margin > MIN_GREEDY_MARGIN, margin
+    adir = out / "peft_lora_qwen2_5_vl"
+    peft_model.save_pretrained(str(adir))
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    with torch.no_grad():
+        merged_logits = merged(**inputs).logits.float()
+    d = (merged_logits - logits)[mask].abs().max().item()
+    assert d < 1e-3, f"merged vs adapted logits differ by {d}"
+    arrays = {"logits": logits.numpy().astype(np.float32), "merged_logits": merged_logits.numpy().astype(np.float32),
+              "generated_ids": gen.numpy().astype(np.int64)}
+    meta = {"base": base_dir.name, "inputs": f"{base_dir.name}.outputs.safetensors",
+            "logits": "adapted model, M-RoPE positions; pad rows not meaningful",
+            "merged_logits": "after merge_and_unload()",
+            "generated_ids": "adapted model, new tokens only, greedy, eos_token_id=None",
+            "greedy_min_top2_margin": f"{margin:.6f}", "max_abs_merged_minus_adapted": f"{d:.3e}"}
+    save_outputs(out / "peft_lora_qwen2_5_vl.outputs.safetensors", arrays, meta)
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # main
 
 
@@ -768,6 +1053,13 @@ def summary(out: pathlib.Path) -> None:
     print(f"{total:>10,d}  total")
 
 
+# What each family writes under --out (a directory and its `.outputs.safetensors`).
+FAMILY_FILES = {
+    "llava": ("llava_mha", "llava_gqa_legacy", "peft_lora", "peft_lora_vision", "peft_lora_mlp", "mixed_batch"),
+    "qwen": ("qwen2_vl", "qwen2_5_vl", "peft_lora_qwen2_5_vl"),
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "tests" / "golden"))
@@ -778,6 +1070,8 @@ def main(argv=None) -> int:
     ap.add_argument("--saved-adapter", metavar="NAME",
                     help="only record PEFT's logits for <out>/NAME (an adapter saved by valora-jax) in "
                          "<out>/NAME.outputs.safetensors")
+    ap.add_argument("--only", action="append", choices=sorted(FAMILY_FILES),
+                    help="regenerate only this family's files (repeatable; default: all)")
     args = ap.parse_args(argv)
 
     set_determinism(0)
@@ -793,14 +1087,20 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     readme = out / "README.md"
     keep = readme.read_text() if readme.exists() else None
-    for name in ("llava_mha", "llava_gqa_legacy", "peft_lora", "peft_lora_vision", "peft_lora_mlp", "mixed_batch"):
+    families = args.only or list(FAMILY_FILES)
+    for name in (n for family in families for n in FAMILY_FILES[family]):
         shutil.rmtree(out / name, ignore_errors=True)
         (out / f"{name}.outputs.safetensors").unlink(missing_ok=True)
 
-    mha_dir, inputs = build_mha(out)
-    build_legacy(out)
-    build_adapters(out, mha_dir, inputs)
-    build_mixed(out, mha_dir)
+    if "llava" in families:
+        mha_dir, inputs = build_mha(out)
+        build_legacy(out)
+        build_adapters(out, mha_dir, inputs)
+        build_mixed(out, mha_dir)
+    if "qwen" in families:
+        build_qwen(out, "qwen2_vl", seed=11)
+        qwen25_dir, qwen25_inputs = build_qwen(out, "qwen2_5_vl", seed=14)
+        build_qwen_adapter(out, qwen25_dir, qwen25_inputs, seed=13)
     if keep is not None:
         readme.write_text(keep)
     summary(out)

@@ -25,6 +25,7 @@ if _OWN_CACHE:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+import logging
 import pathlib
 
 import pytest
@@ -46,3 +47,14 @@ GOLDEN = pathlib.Path(__file__).parent / "golden"
 def golden_dir() -> pathlib.Path:
     """Committed reference outputs made by `make golden` (HF transformers / PEFT in PyTorch)."""
     return GOLDEN
+
+
+@pytest.fixture
+def root_logging():
+    """For tests of CLIs whose main() configures the root logger (force=True): pytest's handlers and level
+    are put back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

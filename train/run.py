@@ -41,6 +41,7 @@ from train.evaluate import Evaluator
 from train.fusion import FusionResult, fuse_tasks
 from train.report import MetricsLog, Report, build_report, print_report, write_report
 from train.run_folder import check_usable, clear, previous_run, write_json, write_record
+from train.served import LORA_MODULES, REQUESTS, RESPONSES, write_requests
 from train.task_config import DEFAULT_TASKS_FILE, TaskConfigError, build_task, load_task_specs
 from train.tasks import Task
 from train.trainer import TrainConfig, new_learner, train_adapter
@@ -189,7 +190,13 @@ class Job:
                               trainable_parameters=self.publish(fusion))
         if is_primary():
             write_report(report, self.out)
+            served = write_requests(self.out, self.tasks, report, image_size=self.image_size,
+                                    max_tokens=self.encoder.answer_window)
             print_report(report)
+            logger.info("to serve the adapters on the validation examples: python -m serve.batch --model %s "
+                        "--lora-modules %s -i %s -o %s; then python -m train.served %s", self.config.model,
+                        (served / LORA_MODULES).read_text().strip(), served / REQUESTS, served / RESPONSES,
+                        self.out)
         return report
 
 

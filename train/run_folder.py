@@ -21,7 +21,7 @@ from typing import Any
 
 RECORD_FILE = "run.json"
 RUN_ENTRIES = (RECORD_FILE, "base_scores.json", "trainings", "adapters", "metrics.jsonl", "report.json", "report.md",
-               "accuracy.png")
+               "accuracy.png", "served")
 RECORD_FORMAT = 1
 
 

@@ -1,4 +1,5 @@
-"""Frozen configuration dataclasses for the LLaVA family, with named presets and HF `config.json` parsing.
+"""Frozen configuration dataclasses for the LLaVA family (and the Llama decoder other families reuse), with
+named presets and HF `config.json` parsing.
 
 The field names follow transformers' LlavaConfig / CLIPVisionConfig / LlamaConfig where they exist,
 so a reader can compare with an HF checkpoint's `config.json` line by line.
@@ -7,8 +8,6 @@ so a reader can compare with an HF checkpoint's `config.json` line by line.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 from typing import Any
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -70,10 +69,13 @@ class TextConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
+    qkv_bias: bool | None = None  # q/k/v biases apart from o_proj's (Qwen2); None: attention_bias
 
     def __post_init__(self):
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.attention_bias)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -158,11 +160,15 @@ PRESETS = {
 }
 
 
-def preset(name: str) -> LlavaConfig:
-    """A named configuration: `tiny` (tests, demo), `llava-1.5-7b`, `llava-1.5-13b` (shapes only)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    return PRESETS[name]()
+def preset(name: str):
+    """A named configuration of any family: `tiny` (tests, demo), `llava-1.5-7b`, `llava-1.5-13b`,
+    `qwen2-vl-2b`, `qwen2.5-vl-7b`, ... (shapes only)."""
+    from valora_jax.models.registry import all_presets
+
+    presets = all_presets()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(presets)}")
+    return presets[name]()
 
 
 def _rope_from_hf(text: dict[str, Any]) -> RopeConfig:
@@ -210,19 +216,3 @@ def config_from_hf(hf: dict[str, Any]) -> LlavaConfig:
         bos_token_id=text.get("bos_token_id", hf.get("bos_token_id", 1)),
         eos_token_id=text.get("eos_token_id", hf.get("eos_token_id", 2)),
     )
-
-
-def load_hf_config(model_dir: str | pathlib.Path) -> LlavaConfig:
-    """Read `config.json` through transformers, which fills omitted fields with its own defaults and
-    normalises older spellings (`rope_scaling`, `image_token_index`), then convert it."""
-    path = pathlib.Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model directory: missing config.json")
-    from transformers import AutoConfig
-
-    raw = json.loads(path.read_text())
-    try:
-        hf = AutoConfig.from_pretrained(model_dir, local_files_only=True).to_dict()
-    except (ValueError, KeyError) as err:
-        raise ValueError(f"unsupported architecture in {path}: model_type={raw.get('model_type')!r} ({err})") from err
-    return config_from_hf(hf)

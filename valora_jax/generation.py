@@ -91,10 +91,13 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     return token, jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
 
 
-def prefill(graphdef, state, input_ids, pixel_values, attention_mask, cache: KVCache, adapters=None):
-    """Run the prompt through the model into the cache; returns last-position logits and the cache."""
+def prefill(graphdef, state, input_ids, pixel_values, attention_mask, cache: KVCache, adapters=None,
+            position_ids=None):
+    """Run the prompt through the model into the cache; returns last-position logits and the cache.
+    `position_ids`: the model's own positions for the prompt (Qwen-VL's M-RoPE), else counted from the mask."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model.hidden_states(input_ids, pixel_values, attention_mask, cache=cache, adapters=adapters)
+    hidden, cache = model.hidden_states(input_ids, pixel_values, attention_mask, position_ids=position_ids,
+                                        cache=cache, adapters=adapters)
     return model.logits(hidden[:, -1]), cache
 
 
@@ -137,6 +140,9 @@ class Generator:
     def __init__(self, model: nnx.Module, *, max_len: int, cache_dtype=None, min_bucket: int = 16):
         self.model = model
         self.config = model.config
+        # A family whose prompts need host-side inputs (Qwen-VL: vision metadata, M-RoPE positions) provides
+        # `generation_inputs(ids, mask, pixel_values, image_grid_thw, mm_token_type_ids) -> (pixels, positions)`.
+        self.generation_inputs = getattr(model, "generation_inputs", None)
         self.max_len = max_len
         self.min_bucket = min_bucket
         self.cache_dtype = cache_dtype or model.language_model.embed_tokens.embedding.dtype
@@ -148,12 +154,14 @@ class Generator:
     def new_cache(self, batch: int) -> KVCache:
         return KVCache.init(self.config.text, batch, self.max_len, self.cache_dtype)
 
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 32,
-                 sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
-                 eos_token_id: int | None = None, adapters=None) -> np.ndarray:
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, *, image_grid_thw=None,
+                 mm_token_type_ids=None, max_new_tokens: int = 32, sampling: SamplingConfig = SamplingConfig(),
+                 key: jax.Array | None = None, eos_token_id: int | None = None, adapters=None) -> np.ndarray:
         """New tokens (batch, max_new_tokens); after a row's EOS the rest is the pad id.
 
-        `adapters`: the adapter pool's per-row selection (`AdapterPool.select`), one entry per row.
+        Takes what the model's processor returns (`generate(**inputs)`); `image_grid_thw` and
+        `mm_token_type_ids` are Qwen-VL's. `adapters`: the adapter pool's per-row selection
+        (`AdapterPool.select`), one entry per row.
         """
         cfg = self.config
         input_ids = np.asarray(input_ids)
@@ -164,9 +172,15 @@ class Generator:
                              f"length {self.max_len}; build the Generator with a larger max_len")
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         ids, mask = left_pad(input_ids, attention_mask, bucket, pad_id)
-        pixels = None if pixel_values is None else jnp.asarray(pixel_values)
+        if self.generation_inputs is not None:
+            pixels, positions = self.generation_inputs(ids, mask, pixel_values, image_grid_thw, mm_token_type_ids)
+        elif image_grid_thw is not None or mm_token_type_ids is not None:
+            raise ValueError(f"{type(self.config).__name__} takes no image_grid_thw / mm_token_type_ids")
+        else:
+            pixels, positions = None if pixel_values is None else jnp.asarray(pixel_values), None
         graphdef, state = nnx.split(self.model)
-        logits, cache = self.prefill(graphdef, state, ids, pixels, mask, self.new_cache(ids.shape[0]), adapters)
+        logits, cache = self.prefill(graphdef, state, ids, pixels, mask, self.new_cache(ids.shape[0]), adapters,
+                                     positions)
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         tokens, _ = self.decode_loop(
             graphdef, state, logits, cache, key if key is not None else jax.random.key(0), adapters,

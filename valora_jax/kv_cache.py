@@ -3,7 +3,9 @@
 Each row writes its next key/value at its own slot (`length[row]`): a batch generated together is
 left-padded to one bucket length, so its rows share a length, while the serving engine's decode slots
 each hold a request of its own. `valid` marks which slots of each row hold real tokens (not padding),
-and `next_position` keeps each row's next RoPE position (its count of real tokens so far).
+and `next_position` keeps each row's next RoPE position: one past the largest position of its real tokens
+so far (their count; with Qwen-VL's M-RoPE, one past the prompt's largest position plus the tokens
+decoded since).
 """
 
 from __future__ import annotations

@@ -80,6 +80,14 @@ def serial_input(block: nnx.Module, x: jax.Array, adapters=None) -> jax.Array:
     return x
 
 
+def place_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
+    """`embeds` (b, s, d) with the rows of `features` (n, d) written, in order, over the image-token
+    positions (`is_image` (b, s), row-major): how LLaVA and Qwen-VL put vision tokens into the prompt."""
+    index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
+    scattered = features.astype(embeds.dtype)[index].reshape(embeds.shape)
+    return jnp.where(is_image[..., None], scattered, embeds)
+
+
 class Embedding(nnx.Module):
     def __init__(self, num: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.embedding = nnx.Param(normal(rngs, (num, dim), dtype, TOKEN_EMBEDDING_STD),

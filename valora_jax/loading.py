@@ -1,8 +1,7 @@
-"""Load an HF LLaVA model directory (config.json, *.safetensors, processor files) into the NNX model.
+"""Load an HF model directory (config.json, *.safetensors, processor files) into the NNX model of its family.
 
-Tensor names of both layouts in circulation are accepted: the one transformers 5 writes
-(`model.vision_tower.*`, `model.language_model.*`, `lm_head.*`) and the one of the published llava-hf
-checkpoints (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`).
+The family (`valora_jax.models.registry`) comes from config.json's `architectures`; its checkpoint-name
+rules accept the tensor names of every layout in circulation (the published one and transformers 5's).
 The model is built abstractly (`nnx.eval_shape`); each tensor is read from disk, converted, and put
 straight onto its sharding, one at a time, so host memory never holds a second copy of the model.
 """
@@ -12,66 +11,32 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-import re
 import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
 
-from valora_jax.config import LlavaConfig, load_hf_config
-from valora_jax.models.llava import LlavaForConditionalGeneration
+from valora_jax.models.llava_family import NAMES as LLAVA_NAMES
+from valora_jax.models.registry import CheckpointNames, Family, family_for_hf, family_of
 from valora_jax.sharding import state_shardings
 
 log = logging.getLogger(__name__)
 
-# Checkpoint name prefixes -> the canonical prefixes used below (first match wins).
-_PREFIX_RULES = (
-    (r"^model\.vision_tower\.vision_model\.", "vision_tower."),
-    (r"^vision_tower\.vision_model\.", "vision_tower."),
-    (r"^model\.vision_tower\.", "vision_tower."),
-    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-    (r"^model\.language_model\.", "language_model."),
-    (r"^language_model\.model\.", "language_model."),
-    (r"^language_model\.lm_head\.", "lm_head."),
-)
-# Canonical names whose module path differs from ours.
-_RENAMES = (
-    (r"^vision_tower\.encoder\.layers\.", "vision_tower.layers."),
-    (r"^vision_tower\.embeddings\.(patch_embedding|position_embedding)\.weight$", r"vision_tower.\1"),
-    (r"^vision_tower\.embeddings\.class_embedding$", "vision_tower.class_embedding"),
-    (r"^language_model\.embed_tokens\.weight$", "language_model.embed_tokens.embedding"),
-)
-# Tensors a checkpoint may hold that this model has no use for.
-_IGNORED = (r"^vision_tower\.post_layernorm\.", r"\.position_ids$", r"\.rotary_emb\.inv_freq$")
-
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
-def canonical_name(key: str) -> str:
-    for pattern, repl in _PREFIX_RULES:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key, count=1)
-    return key
+def canonical_name(key: str, names: CheckpointNames = LLAVA_NAMES) -> str:
+    """A checkpoint tensor name in the canonical layout of `names`' family (LLaVA by default)."""
+    return names.canonical_name(key)
 
 
-def model_param_path(canonical: str, params: dict[str, nnx.Variable]) -> tuple[str | None, bool]:
+def model_param_path(canonical: str, params: dict[str, nnx.Variable],
+                     names: CheckpointNames = LLAVA_NAMES) -> tuple[str | None, bool]:
     """(our parameter path, transpose?) for a canonical HF name; path None when it has no counterpart."""
-    name = canonical
-    for pattern, repl in _RENAMES:
-        name = re.sub(pattern, repl, name)
-    if name.endswith(".weight") and name[: -len(".weight")] + ".kernel" in params:
-        return name[: -len(".weight")] + ".kernel", True  # torch Linear (out, in) -> our kernel (in, out)
-    return (name, False) if name in params else (None, False)
-
-
-def _convert(name: str, array: np.ndarray, transpose: bool) -> np.ndarray:
-    if name == "vision_tower.patch_embedding":  # Conv2d (d, c, p, p) -> (c*p*p, d)
-        return array.reshape(array.shape[0], -1).T
-    return array.T if transpose else array
+    return names.param_path(canonical, params)
 
 
 def _checkpoint_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -88,27 +53,44 @@ def _checkpoint_files(model_dir: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def load_processor(model_dir: str | pathlib.Path):
-    """The HF processor (tokenizer + image processor) from local files, or None (with a warning) if absent."""
+def load_processor(model_dir: str | pathlib.Path, family: Family | None = None):
+    """The family's processor (tokenizer + image processor) from local files, or None (with a warning) if absent."""
     model_dir = pathlib.Path(model_dir)
     if not any((model_dir / f).is_file() for f in PROCESSOR_FILES):
         warnings.warn(f"{model_dir} has no processor files ({', '.join(PROCESSOR_FILES)}); processor is None",
                       stacklevel=3)
         return None
-    from transformers import AutoProcessor
+    family = family or load_config(model_dir)[0]
+    return family.load_processor(model_dir)
 
-    return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+
+def load_config(model_dir: str | pathlib.Path) -> tuple[Family, object]:
+    """(family, config) of a model directory. transformers reads `config.json` (filling omitted fields with
+    its defaults and normalising older spellings: `rope_scaling`, `image_token_index`), the family converts it."""
+    path = pathlib.Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory: missing config.json")
+    from transformers import AutoConfig
+
+    raw = json.loads(path.read_text())
+    family = family_for_hf(raw)
+    try:
+        hf = AutoConfig.from_pretrained(model_dir, local_files_only=True).to_dict()
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"unsupported architecture in {path}: model_type={raw.get('model_type')!r} ({err})") from err
+    return family, family.config_from_hf(hf)
 
 
-def abstract_model(cfg: LlavaConfig, dtype) -> LlavaForConditionalGeneration:
+def abstract_model(cfg, dtype) -> nnx.Module:
     """The model with shapes and metadata only (no memory): the target the loader fills."""
-    return nnx.eval_shape(lambda: LlavaForConditionalGeneration(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    model_class = family_of(cfg).model_class
+    return nnx.eval_shape(lambda: model_class(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def load_weights(model_dir: str | pathlib.Path, cfg: LlavaConfig, *, dtype=jnp.float32,
-                 mesh: Mesh | None = None) -> LlavaForConditionalGeneration:
-    """Build the model of `cfg` with the weights of `model_dir`'s safetensors files."""
+def load_weights(model_dir: str | pathlib.Path, cfg, *, dtype=jnp.float32, mesh: Mesh | None = None) -> nnx.Module:
+    """Build the model of `cfg` (its family's class) with the weights of `model_dir`'s safetensors files."""
     model_dir = pathlib.Path(model_dir)
+    names = family_of(cfg).names
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
     if mesh is None:
@@ -119,14 +101,14 @@ def load_weights(model_dir: str | pathlib.Path, cfg: LlavaConfig, *, dtype=jnp.f
     for file in _checkpoint_files(model_dir):
         with safe_open(file, framework="np") as reader:
             for key in reader.keys():
-                canonical = canonical_name(key)
-                path, transpose = model_param_path(canonical, flat)
+                canonical = names.canonical_name(key)
+                path, transpose = names.param_path(canonical, flat)
                 if path is None:
                     tied_head = cfg.tie_word_embeddings and canonical == "lm_head.weight"
-                    if not tied_head and not any(re.search(p, canonical) for p in _IGNORED):
+                    if not tied_head and not names.is_ignored(canonical):
                         unexpected.append(key)
                     continue
-                array = _convert(path, reader.get_tensor(key), transpose)
+                array = names.convert(path, reader.get_tensor(key), transpose)
                 want = flat[path]
                 if array.shape != want.shape:
                     raise ValueError(f"{file.name}: tensor {key!r} has shape {array.shape} (after layout "
@@ -145,7 +127,9 @@ def load_weights(model_dir: str | pathlib.Path, cfg: LlavaConfig, *, dtype=jnp.f
 
 
 def load_pretrained(model_dir: str | pathlib.Path, *, dtype=jnp.float32, mesh: Mesh | None = None):
-    """`(model, processor)` from a local HF LLaVA directory; processor is None if the directory has none.
+    """`(model, processor)` from a local HF model directory; processor is None if the directory has none.
+
+    The family comes from config.json's `architectures` (`valora_jax.models.registry.supported_architectures`).
 
     `dtype`: parameter dtype (bfloat16 on accelerators, float32 for tests). `mesh`: place parameters by
     their logical axes on this mesh (default: the first device).
@@ -153,5 +137,5 @@ def load_pretrained(model_dir: str | pathlib.Path, *, dtype=jnp.float32, mesh: M
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    cfg = load_hf_config(model_dir)
-    return load_weights(model_dir, cfg, dtype=dtype, mesh=mesh), load_processor(model_dir)
+    family, cfg = load_config(model_dir)
+    return load_weights(model_dir, cfg, dtype=dtype, mesh=mesh), load_processor(model_dir, family)

@@ -20,13 +20,15 @@ the static buffer keeps every program's shapes fixed and costs no gather in atte
 
 Compiled programs: one decode program per mode shape (unmerged, merged / mixture), one prefill and one
 KV-insert program per prompt bucket (and image count); nothing recompiles when adapters, requests or
-modes change. Detokenisation and request bookkeeping happen on the host after each step's device
-results are read.
+modes change. Detokenisation and streaming never stall the device: a step's tokens are booked when they
+arrive (stop ids, max_tokens), and their text is decoded and streamed while the device runs the next
+decode step; a stop string is therefore seen one step late, and the token decoded past it is dropped.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -56,6 +58,7 @@ from valora_jax.adapters.pool import AdapterPool
 from valora_jax.generation import bucket_length, left_pad, sample_rows
 from valora_jax.kv_cache import KVCache
 from valora_jax.models.tiny import TINY, tiny_base
+from valora_jax.sharding import shard_model
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +156,17 @@ class Engine:
     `max_num_seqs` decode slots of `max_model_len` positions each; `max_waiting` requests may wait
     before `submit` answers `EngineOverloaded`. `policy` names a `serve.policy` policy (its parameters in
     `policy_params`). `chat_template` (Jinja text) renders chat messages when the processor has none
-    of its own, or overrides it.
+    of its own, or overrides it. With a `mesh` (its model and pool sharded on it, as `from_pretrained`
+    does), every step runs under it: tensor parallel over 'model', decode slots over 'data'.
     """
 
     def __init__(self, model: nnx.Module, processor, pool: AdapterPool, *, policy: str = "valora",
                  policy_params: Mapping | None = None, max_num_seqs: int = 8, max_model_len: int | None = None,
                  max_waiting: int = 256, chat_template: str | None = None, served_model_name: str = "base",
-                 min_bucket: int = 16):
+                 min_bucket: int = 16, mesh=None):
         if processor is None:
             raise ValueError("the engine needs the model's processor (tokenizer and image processor)")
-        self.model, self.processor, self.pool = model, processor, pool
+        self.model, self.processor, self.pool, self.mesh = model, processor, pool, mesh
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.config = model.config
         self.policy_name = policy
@@ -180,6 +184,7 @@ class Engine:
         self._decode = jax.jit(_decode, static_argnums=0, donate_argnames="cache")
         self._slots: list[_Work | None] = [None] * max_num_seqs
         self._tokens = np.zeros(max_num_seqs, np.int32)
+        self._untexted: list[tuple[_Work, int, float]] = []  # booked tokens whose text is not streamed yet
         self._waiting: collections.deque[_Work] = collections.deque()
         self._inbox: queue.Queue[_Work] = queue.Queue()
         self._lock = threading.RLock()  # the pool and the model's weights: the loop's steps, loads, unloads
@@ -195,17 +200,21 @@ class Engine:
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: str = TINY, *, lora_modules: Mapping[str, str] | None = None,
-                        max_loras: int = 8, max_lora_rank: int = 64, dtype: str = "float32",
+                        max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int | None = None,
+                        dtype: str = "float32",
                         backend: str = "auto", served_model_name: str | None = None, mesh=None, **kwargs) -> Engine:
         """An engine for `model` ("tiny" or a local HF LLaVA directory) with `lora_modules` (name -> adapter
-        directory) loaded into an `AdapterPool` of `max_loras` device slots of rank `max_lora_rank`."""
+        directory) loaded into an `AdapterPool` of `max_loras` device slots of rank `max_lora_rank`, at most
+        `max_cpu_loras` of them with their weights in host memory (default: all)."""
         if model == TINY:
             base, processor = tiny_base(jnp.dtype(dtype))
         else:
             base, processor = load_pretrained(model, dtype=jnp.dtype(dtype), mesh=mesh)
-        pool = AdapterPool(base, slots=max_loras, max_rank=max_lora_rank, backend=backend)
+        pool = AdapterPool(base, slots=max_loras, max_rank=max_lora_rank, backend=backend, host_capacity=max_cpu_loras)
+        if mesh is not None:
+            shard_model(base, mesh)  # the pool's slots too, by their logical axes
         engine = cls(base, processor, pool, served_model_name=served_model_name or pathlib.Path(model).name,
-                     **kwargs)
+                     mesh=mesh, **kwargs)
         for name, path in (lora_modules or {}).items():
             engine.load_adapter(name, path)
         return engine
@@ -283,7 +292,8 @@ class Engine:
         images = 0 if pixels is None else len(pixels)
         sched = batching.Request(rid, request.adapter, arrival, len(ids), max_tokens, images)
         eos = self.config.eos_token_id
-        stop = frozenset(request.sampling.stop_token_ids) | (frozenset() if eos is None else {eos})
+        stop = frozenset(request.sampling.stop_token_ids) | (
+            frozenset() if eos is None or request.sampling.ignore_eos else {eos})
         seed = request.sampling.seed if request.sampling.seed is not None else np.random.randint(2**31)
         return _Work(request, RequestHandle(rid), sched, np.asarray(ids, np.int32), pixels, stop,
                      Result(id=rid, finish_reason="length", prompt_tokens=len(ids), arrival=arrival), seed=seed)
@@ -391,6 +401,10 @@ class Engine:
             while not self._inbox.empty():
                 self._finish(self._inbox.get(), reason, "engine shut down")
 
+    def _on_mesh(self):
+        """The engine's mesh as the active one (the model's activation constraints read it), if it has one."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     def _take_inbox(self) -> None:
         while True:
             try:
@@ -400,6 +414,10 @@ class Engine:
 
     def step(self) -> None:
         """One scheduling step: plan, switch, prefill the admitted requests, decode the running ones."""
+        with self._on_mesh():
+            self._step()
+
+    def _step(self) -> None:
         self._take_inbox()
         for work in [w for w in self._waiting if w.handle.cancelled]:
             self._waiting.remove(work)
@@ -488,13 +506,15 @@ class Engine:
             params(lambda w: w.request.sampling.temperature, np.float32),
             params(lambda w: w.request.sampling.top_k, np.int32),
             np.asarray([w.request.sampling.top_p if w is not None else 1.0 for w in rows], np.float32))
+        self._flush_text()  # while the device runs the step just dispatched
         token, logprob = np.asarray(token), np.asarray(logprob)
         for slot, work in enumerate(rows):
-            if work is not None:
+            if work is not None and not work.handle.done:
                 self._emit(work, int(token[slot]), float(logprob[slot]))
 
     def _emit(self, work: _Work, token: int, logprob: float) -> None:
-        """Book one generated token: stop on a stop id (not emitted), a stop string, max_tokens or a full slot."""
+        """Book one generated token: stop on a stop id (not emitted), max_tokens or a full slot. Its text and
+        event follow in `_flush_text`, which the next decode step overlaps with the device's work."""
         result = work.result
         work.sched.generated += 1
         t = now()
@@ -506,18 +526,40 @@ class Engine:
         result.token_ids.append(token)
         result.token_times.append(t)
         self._tokens[work.slot] = token
-        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-        stop_at = min((i for i in (text.find(s) for s in work.request.sampling.stop) if i >= 0), default=-1)
-        if stop_at >= 0:
-            text = text[:stop_at]
-        delta, work.text = text[len(work.text):], text
-        work.handle._emit(TokenEvent(token, delta, logprob))
-        if stop_at >= 0:
-            self._finish(work, "stop")
-        elif work.sched.generated >= work.sched.max_new_tokens:
+        self._untexted.append((work, len(result.token_ids), logprob))
+        if work.sched.generated >= work.sched.max_new_tokens:
             self._finish(work, "length")
 
-    def _finish(self, work: _Work, reason: str, error: str | None = None, status: int = 200) -> None:
+    def _flush_text(self, only: _Work | None = None) -> None:
+        """Detokenise booked tokens and stream their events (all, or `only`'s); a stop string ends a request
+        there (tokens booked after it are dropped)."""
+        keep = []
+        for entry in self._untexted:
+            if only is not None and entry[0] is not only:
+                keep.append(entry)
+                continue
+            work, count, logprob = entry
+            result = work.result
+            if len(result.token_ids) < count:  # cut by an earlier stop string
+                continue
+            text = self.tokenizer.decode(result.token_ids[:count], skip_special_tokens=True)
+            stop_at = min((i for i in (text.find(s) for s in work.request.sampling.stop) if i >= 0), default=-1)
+            if stop_at >= 0:
+                text = text[:stop_at]
+            delta, work.text = text[len(work.text):], text
+            work.handle._emit(TokenEvent(result.token_ids[count - 1], delta, logprob))
+            if stop_at >= 0:
+                del result.token_ids[count:], result.token_times[count:]
+                if not work.handle.done:
+                    self._finish(work, "stop", flushed=True)
+        self._untexted = keep
+
+    def _finish(self, work: _Work, reason: str, error: str | None = None, status: int = 200,
+                flushed: bool = False) -> None:
+        if not flushed:
+            self._flush_text(only=work)  # its events come before its result
+        if work.handle.done:
+            return
         result = work.result
         result.finish_reason, result.error, result.finished = reason, error, now()
         if error is not None and status == 200:

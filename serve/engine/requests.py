@@ -32,7 +32,8 @@ class RequestError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters; `seed` makes sampling repeatable."""
+    """temperature 0 is greedy; top_k 0 and top_p 1 disable those filters; `seed` makes sampling repeatable;
+    `ignore_eos` keeps generating past the end-of-sequence token (vLLM's, for fixed-length benchmarks)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -41,6 +42,7 @@ class SamplingParams:
     max_tokens: int = 16
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def check(self) -> None:
         if not (0.0 <= self.temperature <= 100.0):

@@ -368,3 +368,21 @@ def test_classify_heads_load_with_their_adapter_and_answer_in_the_same_pass(save
         pool.select([None], tasks=["shape"])
     with pytest.raises(ValueError, match=r"'lora' has 2 classify heads; the pool holds 1"):
         AdapterPool(small_model(seed=3), slots=2, max_rank=64, head_tasks=1).load("lora", directory)
+
+
+def test_host_capacity_drops_weights_and_reads_them_again_on_use(saved_kinds):
+    """vLLM's max_cpu_loras: past `host_capacity`, the least recently used adapters keep only their name and
+    directory; selecting one reads it again, with the same outputs."""
+    root, inputs, alone = saved_kinds
+    model = small_model(seed=3)
+    pool = AdapterPool(model, slots=1, max_rank=64, host_capacity=1)
+    for name in KIND_CONFIGS:
+        pool.load(name, root / name)
+    assert pool.adapters == tuple(KIND_CONFIGS) and pool.in_host_memory == ("snella",)
+    for rows in (("lora",) * 4, ("serial", None, "serial", None), ("lora", "lora", None, None)):
+        check_kinds(forward(model, *inputs, pool.select(rows)), alone, rows)
+        assert pool.in_host_memory == (rows[0],) and set(pool.resident) == {rows[0]}
+    pool.merge("serial")
+    check_kinds(forward(model, *inputs, pool.select(["serial"] * 4)), alone, ["serial"] * 4)
+    with pytest.raises(ValueError, match="host_capacity must be >= 1"):
+        AdapterPool(small_model(seed=3), host_capacity=0)

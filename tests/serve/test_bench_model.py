@@ -28,3 +28,20 @@ def test_bench_model_writes_one_row_per_phase(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert all(r["floor_ms"] > 0 and r["step_ms"] > 0 for r in rows[1:])
     assert (tmp_path / "bench_model.md").read_text().startswith("tiny float32")
+
+
+def test_bench_model_runs_a_qwen_vl_preset(tmp_path, monkeypatch, golden_dir):
+    """`--preset qwen2.5-vl-7b` goes through the registry to the Qwen-VL model; its shapes are swapped for the
+    tiny golden Qwen2.5-VL config so the run fits a CPU test (the preset's own shapes: test_model_registry)."""
+    from valora_jax.loading import load_config
+    from valora_jax.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
+
+    _, tiny = load_config(golden_dir / "qwen2_5_vl")
+    monkeypatch.setattr(bench_model, "preset", lambda name: tiny if name == "qwen2.5-vl-7b" else preset(name))
+    assert isinstance(bench_model.random_model("qwen2.5-vl-7b", jnp.float32, seed=0), Qwen2VLForConditionalGeneration)
+    bench_model.main(["--preset", "qwen2.5-vl-7b", "--batch", "2", "--prompt-len", "16", "--new-tokens", "3",
+                      "--prefill-len", "32", "--repeats", "1", "--copy-bytes", str(1 << 20), "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_model.json").read_text())
+    assert [(r["phase"], r["batch"], r["preset"]) for r in rows] == [("prefill", 1, "qwen2.5-vl-7b"),
+                                                                      ("decode", 2, "qwen2.5-vl-7b")]
+    assert all(r["floor_ms"] > 0 and r["step_ms"] > 0 for r in rows[1:])

@@ -7,6 +7,7 @@ lengths, and arrivals spread over the run (the test drives `engine.step()` itsel
 pattern is the same for every policy).
 """
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -163,3 +164,44 @@ def test_cancel_frees_the_slot_and_unload_waits_for_running_requests(engine, exp
     with pytest.raises(RequestError, match="does not exist") as err:
         engine.submit(request("peft_lora_mlp", "user : what ? assistant :", None, 3))
     assert err.value.status == 404
+
+
+def test_sharded_engine_gives_one_devices_outputs(golden_dir, adapters, expected):
+    """Tensor parallel (and decode slots over data) on an 8-CPU-device mesh: the same greedy tokens."""
+    from valora_jax.sharding import make_mesh
+
+    mesh = make_mesh(data=2, model=4)
+    sharded = Engine.from_pretrained(str(golden_dir / "llava_mha"), lora_modules=adapters, max_loras=3,
+                                     max_lora_rank=8, max_num_seqs=4, max_model_len=MAX_LEN, mesh=mesh,
+                                     policy="unmerged")
+    q = sharded.model.language_model.layers[0].self_attn.q_proj
+    assert q.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert q.slots.b[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+    work = workload()[:8]
+    results = run(sharded, work)
+    assert [r.token_ids for r in results] == expected[:8]
+
+
+def test_stop_strings_streamed_text_and_events(engine, expected):
+    """Events carry the text incrementally and end with the Result; a stop string cuts the output there."""
+    engine.policy = make_policy("unmerged")
+    i = next(k for k, tokens in enumerate(expected) if len(tokens) >= 4)
+    _, name, prompt, image, max_tokens = workload()[i]
+    decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)
+    full = decode(expected[i])
+    handle = engine.submit(request(name, prompt, image, max_tokens))
+    while not handle.done:
+        engine.step()
+    events = list(handle)
+    assert "".join(e.text for e in events[:-1]) == full == events[-1].text
+    assert [e.token_id for e in events[:-1]] == expected[i]
+    stop = decode(expected[i][2:3]).strip()
+    cut = full[:full.find(stop)]
+    req = request(name, prompt, image, max_tokens)
+    req.sampling = SamplingParams(max_tokens=max_tokens, stop=(stop,))
+    handle = engine.submit(req)
+    while not handle.done:
+        engine.step()
+    result = handle.result(0)
+    assert result.finish_reason == "stop" and result.text == cut and stop not in result.text
+    assert result.token_ids == expected[i][:len(result.token_ids)] and len(result.token_ids) <= 3

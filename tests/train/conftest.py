@@ -1,7 +1,4 @@
-"""Shared helpers for the train/ tests: small in-memory tasks whose pixels identify each example, and the
-root logger kept for pytest around calls of `train.cli.main`."""
-
-import logging
+"""Shared helpers for the train/ tests: small in-memory tasks whose pixels identify each example."""
 
 import numpy as np
 import pytest
@@ -31,13 +28,3 @@ def make_task():
         )
 
     return make
-
-
-@pytest.fixture
-def root_logging():
-    """main() configures the root logger (force=True); put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)

@@ -96,68 +96,47 @@ def assert_same_adapter(got: dict, expected: dict, atol: float) -> None:
         np.testing.assert_allclose(got[name], expected[name], atol=atol, err_msg=name)
 
 
-# The jobs run once per worker (a session fixture: a module one would run them again whenever the worker
-# ran another module's test in between), and the tests that read them share one xdist worker.
-JOBS = "train_multihost"
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory, golden_dir):
-    """The 1 x 8 and 2 x 4 jobs (run side by side), then the 2 x 4 job resumed after losing its last step."""
-    tmp = tmp_path_factory.mktemp("multihost")
-    (tmp / "tasks.yaml").write_text(TASKS)
-    flags = ["--model", str(golden_dir / "llava_mha"), "--tasks", str(tmp / "tasks.yaml"), "--steps", "3",
+@pytest.mark.slow
+def test_two_processes_train_as_one_of_eight_devices_write_once_and_resume(tmp_path, golden_dir):
+    """One test, so its three jobs run once whatever the test workers are (they take about 30 s on 2 idle
+    cores): the 1 x 8 and 2 x 4 jobs side by side, then the 2 x 4 job resumed after losing its last step."""
+    (tmp_path / "tasks.yaml").write_text(TASKS)
+    flags = ["--model", str(golden_dir / "llava_mha"), "--tasks", str(tmp_path / "tasks.yaml"), "--steps", "3",
              "--batch-size", "8", "--data-parallel", "8", "--rank", "2", "--towers", "language_model",
              "--eval-batch-size", "4", "--checkpoint-every", "1"]
-    one, two = tmp / "one", tmp / "two"
-    one_logs, two_logs = finish([start(one, 1, 8, flags), start(two, 2, 4, flags)])
-    finished = {"adapter": adapter(two), "metrics": metrics(two)}
+    one, two = tmp_path / "one", tmp_path / "two"
+    _, (first, second) = finish([start(one, 1, 8, flags), start(two, 2, 4, flags)])
 
-    # A kill after step 2's checkpoint: step 3's checkpoint and everything written after it are gone.
-    training = two / "trainings" / "colour"
-    for lost in (training / "checkpoints" / "3", training / "adapter", two / "adapters"):
-        shutil.rmtree(lost)
-    for lost in (training / "result.json", two / "report.json", two / "report.md", two / "accuracy.png"):
-        lost.unlink()
-    (resumed_logs,) = finish([start(two, 2, 4, ["--resume"])])
-    return {"one": one, "two": two, "logs": {"one": one_logs, "two": two_logs, "resumed": resumed_logs},
-            "finished": finished}
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group(JOBS)
-def test_two_processes_train_as_one_process_of_eight_devices(runs):
-    one, two = runs["one"], runs["two"]
-    expected, got = metrics(one), runs["finished"]["metrics"]
+    # the same loss curve, scores and adapter
+    expected, got = metrics(one), metrics(two)
     assert [(m["step"], m["adapter"]) for m in got] == [(1, "colour"), (2, "colour"), (3, "colour"), (3, "colour")]
     assert [(m["step"], m["adapter"]) for m in got] == [(m["step"], m["adapter"]) for m in expected]
     np.testing.assert_allclose([m["loss"] for m in got], [m["loss"] for m in expected], rtol=1e-5)
     assert len({m["loss"] for m in got[:3]}) == 3  # the adapter moves: a step that changed nothing would repeat
     assert got[-1]["eval"] == expected[-1]["eval"]
-    assert_same_adapter(runs["finished"]["adapter"], adapter(one), atol=1e-6)
+    finished = adapter(two)
+    assert_same_adapter(finished, adapter(one), atol=1e-6)
     assert json.loads((one / RECORD_FILE).read_text())["flags"]["processes"] == 1
     assert json.loads((two / RECORD_FILE).read_text())["flags"]["processes"] == 2
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group(JOBS)
-def test_only_the_first_process_reports_and_each_saves_its_data_position(runs):
-    first, second = runs["logs"]["two"]
+    # process 0 alone logs and reports (metrics.jsonl above has no line twice); each saves its data position
     assert "Adapter report" in first and "INFO train.run: colour: colour" in first
     assert "Adapter report" not in second and "INFO train" not in second
-    data = runs["two"] / "trainings" / "colour" / "checkpoints" / "2" / "data"
+    training = two / "trainings" / "colour"
+    data = training / "checkpoints" / "2" / "data"
     assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group(JOBS)
-def test_a_resumed_two_process_run_ends_with_the_uninterrupted_adapter(runs):
-    first, _ = runs["logs"]["resumed"]
+    # a kill after step 2's checkpoint: step 3's checkpoint and everything written after it are gone
+    for lost in (training / "checkpoints" / "3", training / "adapter", two / "adapters"):
+        shutil.rmtree(lost)
+    for lost in (training / "result.json", two / "report.json", two / "report.md", two / "accuracy.png"):
+        lost.unlink()
+    ((first, _),) = finish([start(two, 2, 4, ["--resume"])])
     assert "colour: resuming from step 2 of 3" in first and "reusing the base model's scores" in first
-    assert_same_adapter(adapter(runs["two"]), runs["finished"]["adapter"], atol=1e-7)
-    resumed = metrics(runs["two"])[len(runs["finished"]["metrics"]):]
+    assert_same_adapter(adapter(two), finished, atol=1e-7)
+    resumed = metrics(two)[len(got):]
     assert [m["step"] for m in resumed] == [3, 3]
-    assert resumed[0]["loss"] == pytest.approx(runs["finished"]["metrics"][2]["loss"], abs=1e-6)
+    assert resumed[0]["loss"] == pytest.approx(got[2]["loss"], abs=1e-6)
 
 
 @pytest.mark.parametrize("environ, processes", [

@@ -1,9 +1,10 @@
-"""PEFT's on-disk LoRA layout for LLaVA: tensor names, their orientation, and `adapter_config.json`.
+"""PEFT's on-disk LoRA layout: tensor names, their orientation, and `adapter_config.json`.
 
 PEFT names a tensor `base_model.model.<HF module>.lora_A.weight` (r, d_in) / `.lora_B.weight` (d_out, r),
-with HF module names of transformers 5's live LLaVA (`model.language_model.layers.0.self_attn.q_proj`,
-`model.vision_tower.encoder.layers.0.mlp.fc1`). HF -> ours reuses the checkpoint loader's name mapping
-(`valora_jax.loading`); ours -> HF is its inverse and is checked against it on every name.
+with HF module names of the transformers 5 live model (LLaVA: `model.language_model.layers.0.self_attn.q_proj`,
+`model.vision_tower.encoder.layers.0.mlp.fc1`; Qwen-VL: `model.visual.blocks.0.attn.qkv`). HF -> ours reuses
+the model family's checkpoint-name rules (`valora_jax.models.registry`); ours -> HF is the family's
+`hf_modules` prefix table, checked against those rules on every name.
 """
 
 from __future__ import annotations
@@ -13,19 +14,12 @@ from typing import Any
 
 from flax import nnx
 
-from valora_jax import loading
 from valora_jax.adapters.config import AdapterConfig, pattern_value
 from valora_jax.layers import Linear
+from valora_jax.models.registry import Family
 
 PEFT_PREFIX = "base_model.model."
 PEFT_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
-# Our path prefix -> the live transformers 5 module prefix (first match wins).
-_HF_MODULE_PREFIXES = (
-    ("vision_tower.layers.", "model.vision_tower.encoder.layers."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-    ("language_model.", "model.language_model."),
-    ("lm_head", "lm_head"),
-)
 # LoraConfig features this loader does not implement: (field, value PEFT uses when the feature is off).
 UNSUPPORTED_FIELDS = (("use_dora", False), ("bias", "none"), ("modules_to_save", None), ("fan_in_fan_out", False),
                       ("lora_bias", False), ("target_parameters", None), ("trainable_token_indices", None),
@@ -37,18 +31,19 @@ def linear_kernels(model: nnx.Module) -> dict[str, Linear]:
     return {".".join(map(str, p)) + ".kernel": m for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
 
 
-def module_path_from_hf(hf_module: str, kernels: dict[str, Linear]) -> str | None:
+def module_path_from_hf(hf_module: str, kernels: dict[str, Linear], family: Family) -> str | None:
     """Our Linear path for an HF module name, or None when the model has no such projection."""
-    path, _ = loading.model_param_path(loading.canonical_name(hf_module + ".weight"), kernels)
+    names = family.names
+    path, _ = names.param_path(names.canonical_name(hf_module + ".weight"), kernels)
     return None if path is None else path[: -len(".kernel")]
 
 
-def hf_module_name(path: str, kernels: dict[str, Linear]) -> str:
+def hf_module_name(path: str, kernels: dict[str, Linear], family: Family) -> str:
     """The HF module name PEFT would use for our Linear at `path` (verified by mapping it back)."""
-    for ours, theirs in _HF_MODULE_PREFIXES:
+    for ours, theirs in family.hf_modules:
         if path.startswith(ours):
             name = theirs + path[len(ours):]
-            if module_path_from_hf(name, kernels) == path:
+            if module_path_from_hf(name, kernels, family) == path:
                 return name
     raise ValueError(f"no PEFT / transformers module name for {path!r}")
 

@@ -18,9 +18,10 @@ Kinds:
 - Serial LoRA: its block transform x' = x + s x A B, batched through `batched_lora` with base_out = x.
 - SNELLA: dW_s is full-rank, so it occupies a slot as a dense delta, A = dW_s and B = I (or A = I, B = dW_s,
   whichever is narrower): rank min(d_in, d_out). That needs max_rank >= min(d_in, d_out) at every site it
-  adapts (for a 4096-wide 7B model, R = 4096: each slot then costs a full copy of the adapted weights), so
-  a SNELLA adapter that does not fit is refused at `load` with an error naming the site and the limit;
-  such an adapter is served by merging it offline (`valora_jax.adapters.merge`).
+  adapts (for a 4096-wide 7B model R = 4096, and a slot's R * (d_in + d_out) values per site come to
+  about 1.6x the adapted weights: 20.5 GB per slot in bfloat16), so a SNELLA adapter that does not fit is
+  refused at `load` with an error naming the site and the limit; such an adapter is served merged on a
+  model of its own (`attach` / `load_adapter`, then `valora_jax.adapters.merge`).
 
 Modes:
 - Unmerged: base weights untouched; every row's delta from its slot.
@@ -59,7 +60,7 @@ from pallas_kernels import batched_lora, lora_projection, resolve_backend
 from valora_jax.adapters.attach import SERIAL_HOOK, adapter_sites, module_path
 from valora_jax.adapters.config import AdapterConfig
 from valora_jax.adapters.heads import LABELS_FILE, MASKED_LOGIT, load_heads
-from valora_jax.adapters.serial_lora import QKV
+from valora_jax.adapters.serial_lora import QKV, qkv_projections
 from valora_jax.adapters.serialization import read_adapter
 from valora_jax.adapters.snella import sparse_delta_weight
 from valora_jax.layers import Linear
@@ -228,17 +229,21 @@ def _unmerge(kernels, linear, slot):
 class AdapterPool:
     """Adapters in device slots and host memory, selected per row; see the module docstring.
 
-    `targets` limits the projection sites (PEFT's rule: a sequence of module names matches a path equal to
+    Sites lie in the model's `POOL_TOWERS` (the towers that pass the selection down: all of LLaVA's, Qwen-VL's
+    decoder). `targets` limits the projection sites (PEFT's rule: a sequence of module names matches a path equal to
     a name or ending in "." + name; a string is a regex over the whole path); by default every `Linear`
     except the output head. `serial=False` leaves out the attention-block sites of Serial LoRA. Memory:
     each projection site holds slots * R * (d_in + d_out) values of the model's dtype, each serial site
-    slots * R * 2d; the heads slots * head_tasks * (d + 2) * head_labels float32 values. The first merge
-    into a site copies its original weight to host memory (see `restore`).
+    slots * R * 2d; the heads slots * head_tasks * ((d + 1) * head_labels + 1) float32 values. The first merge
+    into a site copies its original weight to host memory (see `restore`). `host_capacity` (vLLM's
+    `max_cpu_loras`) bounds how many adapters keep their weights in host memory: past it, the least recently
+    used one that is not pinned, held or merged drops them and is read from its directory again when selected.
     """
 
     def __init__(self, model: nnx.Module, slots: int = 16, max_rank: int = 64, *,
                  targets: Sequence[str] | str | None = None, serial: bool = True, backend: str = "auto",
-                 interpret: bool = False, restore_every: int = 32, head_tasks: int = 4, head_labels: int = 32):
+                 interpret: bool = False, restore_every: int = 32, head_tasks: int = 4, head_labels: int = 32,
+                 host_capacity: int | None = None):
         if slots < 1 or max_rank < 1:
             raise ValueError(f"slots and max_rank must be >= 1, got {slots} and {max_rank}")
         if any(True for _ in adapter_sites(model)):
@@ -246,7 +251,9 @@ class AdapterPool:
         self.model, self.num_slots, self.max_rank = model, slots, max_rank
         self.backend, self.interpret = resolve_backend(backend), interpret
         self.restore_every = restore_every
-        modules = {module_path(p): m for p, m in nnx.iter_modules(model)}
+        towers = tuple(getattr(model, "POOL_TOWERS", ()))
+        modules = {module_path(p): m for p, m in nnx.iter_modules(model)
+                   if not towers or module_path(p).split(".")[0] in towers}
         self._linear: dict[str, Linear] = {
             path: m for path, m in modules.items()
             if isinstance(m, Linear) and not path.startswith("lm_head") and _selected(targets, path)}
@@ -259,15 +266,20 @@ class AdapterPool:
                                                  max_rank=max_rank, dtype=linear.kernel.dtype,
                                                  axes=getattr(linear.kernel, "logical_axes", (None, None))))
         for path, block in self._serial.items():
-            d = block.q_proj.in_features
-            setattr(block, SERIAL_POOL_HOOK, SlotStack(d, d, slots=slots, max_rank=max_rank,
-                                                       dtype=block.q_proj.kernel.dtype, axes=("embed", "embed")))
+            first = qkv_projections(block)[0]
+            setattr(block, SERIAL_POOL_HOOK, SlotStack(first.in_features, first.in_features, slots=slots,
+                                                       max_rank=max_rank, dtype=first.kernel.dtype,
+                                                       axes=("embed", "embed")))
         self.hidden_size = model.config.text.hidden_size
         setattr(model, HEADS_HOOK, SlotHeads(self.hidden_size, slots=slots, tasks=head_tasks, labels=head_labels))
         # q/k/v Linear sites of each serial site, for the corrections of a merged Serial LoRA.
-        self._qkv_of = {path: tuple(f"{path}.{n}" for n in QKV) for path in self._serial
-                        if all(f"{path}.{n}" in self._linear for n in QKV)}
+        qkv = {path: tuple(f"{path}.{n}" for n in QKV if hasattr(block, n)) for path, block in self._serial.items()}
+        self._qkv_of = {path: names for path, names in qkv.items() if all(n in self._linear for n in names)}
+        if host_capacity is not None and host_capacity < 1:
+            raise ValueError(f"host_capacity must be >= 1, got {host_capacity}")
+        self.host_capacity = host_capacity
         self._host: dict[str, HostAdapter] = {}
+        self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # names with weights
         self._slot_of: dict[str, int] = {}
         self._lru: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._held: collections.Counter[str] = collections.Counter()
@@ -303,6 +315,24 @@ class AdapterPool:
             raise ValueError(f"an adapter name must be a non-empty string, got {name!r}")
         if name in self._host:
             raise ValueError(f"adapter {name!r} is already loaded; unload it first")
+        adapter = self._read(name, path, pin)
+        if pin and not self._room():
+            raise RuntimeError(f"no device slot to pin adapter {name!r}: all {self.num_slots} slots hold pinned, "
+                               f"merged or running adapters")
+        self._host[name] = adapter
+        self._host_lru[name] = None
+        if pin:
+            self._place(name)
+        self._trim_host()
+        return adapter.config
+
+    @property
+    def in_host_memory(self) -> tuple[str, ...]:
+        """Names of the adapters whose weights are in host memory now (the others are read again on use)."""
+        return tuple(self._host_lru)
+
+    def _read(self, name: str, path, pin: bool = False) -> HostAdapter:
+        """An adapter's files as a validated HostAdapter; errors name it."""
         try:
             config, values = read_adapter(self.model, path)
         except (FileNotFoundError, ValueError) as err:
@@ -322,13 +352,29 @@ class AdapterPool:
             table[site] = (a, b, scale)
         if (pathlib.Path(path) / LABELS_FILE).is_file():
             adapter.heads = self._read_heads(name, path)
-        if pin and not self._room():
-            raise RuntimeError(f"no device slot to pin adapter {name!r}: all {self.num_slots} slots hold pinned, "
-                               f"merged or running adapters")
-        self._host[name] = adapter
-        if pin:
-            self._place(name)
-        return config
+        return adapter
+
+    def _trim_host(self) -> None:
+        """Drop the host weights of least recently used adapters beyond `host_capacity`."""
+        if self.host_capacity is None:
+            return
+        for name in list(self._host_lru):
+            if len(self._host_lru) <= self.host_capacity:
+                return
+            adapter = self._host[name]
+            if not adapter.pinned and not self._held[name] and name != self._merged:
+                adapter.linear, adapter.serial = {}, {}
+                del self._host_lru[name]
+
+    def _weights(self, name: str) -> HostAdapter:
+        """`name` with its weights in host memory (read from its directory again if they were dropped)."""
+        adapter = self._host[name]
+        if name not in self._host_lru:
+            fresh = self._read(name, adapter.path, adapter.pinned)
+            adapter.linear, adapter.serial, adapter.heads = fresh.linear, fresh.serial, fresh.heads
+        self._host_lru[name] = None
+        self._host_lru.move_to_end(name)
+        return adapter
 
     def _read_heads(self, name: str, path) -> dict:
         heads = self._heads_module()
@@ -371,6 +417,7 @@ class AdapterPool:
             raise ValueError(f"adapter {name!r} is in use by {self._held[name]} running request(s)")
         self._evict(name)
         del self._host[name]
+        self._host_lru.pop(name, None)
 
     def pin(self, name: str, pinned: bool = True) -> None:
         self._adapter(name).pinned = pinned
@@ -434,8 +481,10 @@ class AdapterPool:
         if name in self._slot_of:
             self._lru.move_to_end(name)
             return self._slot_of[name]
+        adapter = self._weights(name)
         slot = self._ensure_free_slot(name, needed=keep)
-        self._write(slot, self._host[name])
+        self._write(slot, adapter)
+        self._trim_host()
         self._slot_of[name] = slot
         self._lru[name] = None
         return slot
@@ -522,12 +571,13 @@ class AdapterPool:
     def _merge_sites(self, adapter: HostAdapter) -> list[str]:
         sites = set(adapter.linear)
         for site in adapter.serial:
-            sites.update(f"{site}.{n}" for n in QKV)
+            sites.update(self._qkv_of[site])
         return sorted(sites)
 
     def merge(self, name: str) -> None:
         """Fold `name` into the base weights (one jitted, donated update); other rows then run in mixture mode."""
-        adapter = self._adapter(name)
+        self._adapter(name)
+        adapter = self._weights(name)
         if self._merged == name:
             return
         if self._merged is not None:

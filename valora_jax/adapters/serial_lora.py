@@ -18,14 +18,19 @@ from flax import nnx
 
 from valora_jax.adapters.lora import LowRankPair
 
-QKV = ("q_proj", "k_proj", "v_proj")
+QKV = ("q_proj", "k_proj", "v_proj", "qkv")  # separate projections, or one fused (Qwen-VL's vision blocks)
+
+
+def qkv_projections(attention: nnx.Module) -> list[nnx.Module]:
+    """The projections an attention block computes q, k, v with."""
+    return [getattr(attention, name) for name in QKV if hasattr(attention, name)]
 
 
 class SerialLoRA(LowRankPair):
     """The input transform of one attention block (attached at `attention.qkv_input_adapter`)."""
 
     def __init__(self, attention: nnx.Module, *, rank: int, scaling: float, dropout: float, dtype, rngs: nnx.Rngs):
-        d = attention.q_proj.in_features
+        d = qkv_projections(attention)[0].in_features
         super().__init__(d, d, rank=rank, scaling=scaling, dropout=dropout, axes=("embed", "embed"), dtype=dtype,
                          rngs=rngs)
 
@@ -39,15 +44,15 @@ class SerialLoRA(LowRankPair):
 
     def merge_into(self, attention: nnx.Module) -> None:
         a, b = self._factors()
-        for name in QKV:
-            kernel = getattr(attention, name).kernel
+        for projection in qkv_projections(attention):
+            kernel = projection.kernel
             w = kernel[...].astype(jnp.float32)
             kernel.set_value((w + a @ (b @ w)).astype(kernel.dtype))
 
     def unmerge_from(self, attention: nnx.Module) -> None:
         a, b = self._factors()
         small = jnp.eye(a.shape[1], dtype=jnp.float32) + b @ a
-        for name in QKV:
-            kernel = getattr(attention, name).kernel
+        for projection in qkv_projections(attention):
+            kernel = projection.kernel
             w = kernel[...].astype(jnp.float32)
             kernel.set_value((w - a @ jnp.linalg.solve(small, b @ w)).astype(kernel.dtype))

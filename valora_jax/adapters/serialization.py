@@ -34,6 +34,7 @@ from valora_jax.adapters.attach import adapter_sites, attached_config, build_ada
 from valora_jax.adapters.config import AdapterConfig, pattern_value
 from valora_jax.adapters.extract import extract
 from valora_jax.adapters.variables import AdapterParam, AdapterState
+from valora_jax.models.registry import family_of
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -60,10 +61,10 @@ def save_adapter(model: nnx.Module, directory: str | pathlib.Path, *, base_model
 
 
 def _peft_lora_files(model, config: AdapterConfig, base_model):
-    kernels = peft_format.linear_kernels(model)
+    kernels, family = peft_format.linear_kernels(model), family_of(model.config)
     hf_names, tensors = {}, {}
     for path, _, adapter in adapter_sites(model):
-        hf = hf_names[path] = peft_format.hf_module_name(path, kernels)
+        hf = hf_names[path] = peft_format.hf_module_name(path, kernels, family)
         tensors[peft_format.peft_tensor_name(hf, "A")] = np.asarray(adapter.A[...], np.float32).T
         tensors[peft_format.peft_tensor_name(hf, "B")] = np.asarray(adapter.B[...], np.float32).T
     return tensors, peft_format.peft_config_json(config, hf_names, base_model)
@@ -128,14 +129,14 @@ def _check_version(path: pathlib.Path, config_json: dict[str, Any]) -> None:
 def _read_peft_lora(model, peft_config: dict[str, Any], tensors: dict[str, np.ndarray]):
     """(AdapterConfig, host path -> {A, B} in our orientation) from PEFT files, validated against `model`."""
     peft_format.check_supported(peft_config)
-    kernels = peft_format.linear_kernels(model)
+    kernels, family = peft_format.linear_kernels(model), family_of(model.config)
     factors: dict[str, dict[str, np.ndarray]] = {}
     hf_of: dict[str, str] = {}
     for key in sorted(tensors):
         match = peft_format.PEFT_TENSOR.match(key)
         if match is None:
             raise ValueError(f"tensor {key!r} is not a PEFT LoRA factor (base_model.model.<module>.lora_A/B.weight)")
-        path = peft_format.module_path_from_hf(match["module"], kernels)
+        path = peft_format.module_path_from_hf(match["module"], kernels, family)
         if path is None:
             raise ValueError(f"tensor {key!r} adapts module {match['module']!r}, which this model does not have")
         hf_of[path] = match["module"]

@@ -60,17 +60,25 @@ def write_rows(buffer: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
     return jax.vmap(write)(buffer, new, at)
 
 
+def last_position(positions: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """(b,) the largest position of each row's real tokens (over all axes of (b, s) or (axes, b, s)
+    positions), -1 for a row without any."""
+    largest = positions.reshape(-1, *attention_mask.shape).max(axis=0)
+    return jnp.max(jnp.where(attention_mask, largest, -1), axis=1).astype(jnp.int32)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        bias = cfg.attention_bias
+        bias = cfg.qkv_bias
         self.q_proj = Linear(d, self.num_heads * hd, axes=("embed", "heads"), use_bias=bias, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(d, self.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=bias, dtype=dtype,
                              rngs=rngs)
         self.v_proj = Linear(d, self.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=bias, dtype=dtype,
                              rngs=rngs)
-        self.o_proj = Linear(self.num_heads * hd, d, axes=("heads", "embed"), use_bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(self.num_heads * hd, d, axes=("heads", "embed"), use_bias=cfg.attention_bias, dtype=dtype,
+                             rngs=rngs)
         # Hooks for adapters that transform the block input before q/k/v (Serial LoRA): `serial_input`.
         self.qkv_input_adapter = nnx.data(None)
         self.qkv_input_slots = nnx.data(None)
@@ -125,15 +133,20 @@ class LlamaModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
+    def rotary(self, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        """cos/sin (b, s, head_dim) of `positions`; a family with another position scheme overrides this."""
+        return rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim), dtype)
+
     def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array | None = None,
                  cache: KVCache | None = None, adapters=None) -> tuple[jax.Array, KVCache | None]:
         """Hidden states for `inputs_embeds` (b, s, d); `adapters` is the adapter pool's per-row selection.
 
         Without a cache: causal attention among the given tokens, keys masked by `attention_mask`;
         positions are `position_ids` or 0..s-1 (transformers' forward). With a cache: each row's tokens are
-        appended at its own slot `cache.length[row]`, its positions continue from its count of real tokens
-        (transformers' generate), and the updated cache is returned. Rows whose `attention_mask` is False
-        write nothing valid and keep their position (an idle decode slot).
+        appended at its own slot `cache.length[row]`, its positions are `position_ids` or continue from its
+        next position (its count of real tokens, as transformers' generate), the row's next position becomes
+        one past the largest position of its real tokens, and the updated cache is returned. Rows whose
+        `attention_mask` is False write nothing valid and keep their position (an idle decode slot).
         """
         b, s, _ = inputs_embeds.shape
         attention_mask = attention_mask.astype(bool)
@@ -142,13 +155,15 @@ class LlamaModel(nnx.Module):
             positions = position_ids if position_ids is not None else jnp.broadcast_to(query_slots, (b, s))
             key_valid, key_slots = attention_mask, query_slots
         else:
-            positions = cache.next_position[:, None] + jnp.cumsum(attention_mask, axis=1) - 1
-            positions = jnp.where(attention_mask, positions, 0)
+            positions = position_ids
+            if positions is None:
+                positions = cache.next_position[:, None] + jnp.cumsum(attention_mask, axis=1) - 1
+                positions = jnp.where(attention_mask, positions, 0)
             key_valid = write_rows(cache.valid, attention_mask, cache.length)
             key_slots, query_slots = jnp.arange(cache.max_len), cache.length[:, None] + query_slots
         query_slots = jnp.broadcast_to(query_slots, (b, s))
         mask = key_valid[:, None, :] & (key_slots[None, None, :] <= query_slots[:, :, None])
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(self.cfg.rope, self.cfg.head_dim), inputs_embeds.dtype)
+        cos, sin = self.rotary(positions, inputs_embeds.dtype)
         x = constrain(inputs_embeds, "batch", "length", "embed")
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, cos, sin, mask, cache, i, adapters)
@@ -156,7 +171,7 @@ class LlamaModel(nnx.Module):
             cache = dataclasses.replace(
                 cache,
                 valid=key_valid,
-                next_position=cache.next_position + attention_mask.sum(axis=1, dtype=jnp.int32),
+                next_position=jnp.maximum(cache.next_position, last_position(positions, attention_mask) + 1),
                 length=cache.length + s,
             )
         return self.norm(x), cache

@@ -15,7 +15,7 @@ from flax import nnx
 
 from valora_jax.config import LlavaConfig
 from valora_jax.kv_cache import KVCache
-from valora_jax.layers import Linear, activation
+from valora_jax.layers import Linear, activation, place_image_features
 from valora_jax.models.clip import VisionTower
 from valora_jax.models.llama import LlamaModel
 
@@ -34,6 +34,9 @@ class MultiModalProjector(nnx.Module):
 
 
 class LlavaForConditionalGeneration(nnx.Module):
+    # Towers whose projections take the adapter pool's per-row selection (images use their row's adapter).
+    POOL_TOWERS = ("vision_tower", "multi_modal_projector", "language_model")
+
     def __init__(self, cfg: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
         self.vision_tower = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
@@ -68,11 +71,8 @@ class LlavaForConditionalGeneration(nnx.Module):
             return embeds
         if adapters is not None:
             adapters = adapters.for_rows(self.image_rows(input_ids, pixel_values.shape[0]))
-        features = self.image_features(pixel_values, adapters).astype(embeds.dtype)
-        features = features.reshape(-1, features.shape[-1])
-        feature_index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
-        scattered = features[feature_index].reshape(embeds.shape)
-        return jnp.where(is_image[..., None], scattered, embeds)
+        features = self.image_features(pixel_values, adapters)
+        return place_image_features(embeds, is_image, features.reshape(-1, features.shape[-1]))
 
     # -- language model ----------------------------------------------------------------------------------
     def logits(self, hidden: jax.Array) -> jax.Array:

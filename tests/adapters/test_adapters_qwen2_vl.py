@@ -1,0 +1,118 @@
+"""Adapters on Qwen2.5-VL's vision encoder and decoder, by transformers' module names: Serial LoRA (whose
+vision blocks compute q, k, v with one fused `qkv`) merges to the adapted logits and unmerges to the base
+weights; LoRA trains under jit. (LoRA's merge on Qwen-VL: the PEFT golden test; SNELLA attaches to `Linear`
+as LoRA does, and its merge is tested on LLaVA.)"""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from conftest import base_params, randomize_adapter
+from flax import nnx
+from safetensors.numpy import load_file
+
+from valora_jax import load_pretrained
+from valora_jax.adapters import AdapterConfig, AdapterParam, attach, merge, unmerge
+
+TOWERS = ("language_model", "visual")
+LORA = AdapterConfig(kind="lora", rank=2, alpha=4, towers=TOWERS,
+                     targets=("qkv", "proj", "up_proj", "q_proj", "v_proj", "o_proj", "down_proj"))
+SERIAL_LORA = AdapterConfig(kind="serial_lora", rank=2, alpha=2, towers=TOWERS, targets=("attn", "self_attn"))
+
+
+@pytest.fixture(scope="module")
+def golden(golden_dir):
+    ref = load_file(golden_dir / "qwen2_5_vl.outputs.safetensors")
+    model, _ = load_pretrained(golden_dir / "qwen2_5_vl")
+    vision, positions = model.generation_inputs(ref["input_ids"], ref["attention_mask"], ref["pixel_values"],
+                                                ref["image_grid_thw"])
+    return golden_dir / "qwen2_5_vl", (ref["input_ids"], vision, ref["attention_mask"], positions)
+
+
+@nnx.jit
+def forward(model, ids, vision, mask, positions):
+    return model.logits(model.hidden_states(ids, vision, mask, positions)[0])
+
+
+def rel_err(a, b, mask):
+    keep = np.asarray(mask).astype(bool)
+    return float(np.abs(np.asarray(a) - np.asarray(b))[keep].max() / np.abs(np.asarray(b))[keep].max())
+
+
+def test_serial_lora_merge_unmerge(golden):
+    path, inputs = golden
+    mask = inputs[2]
+    model, _ = load_pretrained(path)
+    base = base_params(model)
+    base_logits = forward(model, *inputs)
+    attach(model, SERIAL_LORA, nnx.Rngs(1))
+    assert model.visual.blocks[0].attn.qkv_input_adapter is not None
+    assert model.language_model.layers[1].self_attn.qkv_input_adapter is not None
+    randomize_adapter(model, seed=2)
+    adapted = forward(model, *inputs)
+    assert rel_err(adapted, base_logits, mask) > 1e-2
+    merge(model)
+    assert rel_err(forward(model, *inputs), adapted, mask) <= 1e-5
+    unmerge(model)
+    assert max(np.abs(base_params(model)[k] - base[k]).max() for k in base) <= 1e-6
+
+
+def test_lora_trains_only_the_adapter(golden):
+    path, (ids, vision, mask, positions) = golden
+    model, _ = load_pretrained(path)
+    attach(model, LORA, nnx.Rngs(1))
+    assert model.visual.blocks[0].attn.qkv.adapter is not None
+    base = base_params(model)
+    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=AdapterParam)
+
+    def loss_fn(model):
+        logits = model.logits(model.hidden_states(ids, vision, mask, positions)[0])[:, :-1]
+        weights = (mask[:, 1:] * mask[:, :-1]).astype(np.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:])
+        return (losses * weights).sum() / weights.sum()
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, AdapterParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(5)]
+    assert losses[-1] < losses[0] - 0.15, losses
+    assert all(np.array_equal(base_params(model)[k], base[k]) for k in base), "base weights changed"
+    grads = jax.tree.leaves(nnx.state(model, AdapterParam))
+    assert grads and all(np.abs(np.asarray(g)).sum() > 0 for g in grads)
+
+
+def test_adapter_pool_serves_a_mixed_batch_on_the_decoder(golden, golden_dir, tmp_path):
+    """Qwen2.5-VL's decoder takes the pool's per-row selection: row 0 with a LoRA, row 1 with a Serial LoRA
+    equal each attached alone; an adapter on the vision tower is refused, naming the site (the patches
+    carry no row yet)."""
+    from valora_jax.adapters import save_adapter
+    from valora_jax.adapters.pool import AdapterPool
+
+    path, inputs = golden
+    mask = inputs[2]
+    alone = {}
+    for seed, (name, config) in enumerate((("lora", LORA), ("serial", SERIAL_LORA))):
+        model, _ = load_pretrained(path)
+        config = AdapterConfig(**{**config.to_json(), "towers": ("language_model",)})
+        attach(model, config, nnx.Rngs(seed))
+        randomize_adapter(model, seed=10 + seed)
+        save_adapter(model, tmp_path / name)
+        alone[name] = np.asarray(forward(model, *inputs))
+    model, _ = load_pretrained(path)
+    pool = AdapterPool(model, slots=2, max_rank=4)
+    for name in alone:
+        pool.load(name, tmp_path / name)
+    with pytest.raises(ValueError, match=r"adapter 'vision'.*visual\.blocks.*not a site of this pool"):
+        pool.load("vision", golden_dir / "peft_lora_qwen2_5_vl")
+
+    @nnx.jit
+    def pooled(model, ids, vision, mask, positions, adapters):
+        return model.logits(model.hidden_states(ids, vision, mask, positions, adapters=adapters)[0])
+
+    got = np.asarray(pooled(model, *inputs, pool.select(["lora", "serial"])))
+    for row, name in enumerate(("lora", "serial")):
+        keep = np.asarray(mask)[row:row + 1]
+        assert rel_err(got[row:row + 1], alone[name][row:row + 1], keep) <= 1e-5, name
