@@ -1,16 +1,19 @@
 """The kernels lower for real hardware, not only in interpret mode: exported for an abstract H100
 (Pallas -> Triton IR) and an abstract TPU (Pallas -> Mosaic), with table-free heuristic tiles at a
-7B-class shape. This checks the lowering rules (block shapes, layouts, ops), not the device compilers.
+7B-class shape, and on TPU with every tile choice (heuristic, tuned table, tune's candidates) at drawn
+shapes. This checks the lowering rules (block shapes, layouts, ops), not the device compilers.
 """
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jax._src import mesh as mesh_lib
 
-from pallas_kernels import api
-from pallas_kernels.tiles import ShapeKey, fit, heuristic
+from pallas_kernels import api, tune
+from pallas_kernels.tiles import ShapeKey, Tiles, TileTable, fit, heuristic
 
 # Known and reported: jax 0.11.2 deprecates the Pallas Triton backend in favour of Mosaic GPU.
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -44,27 +47,54 @@ def test_kernels_lower_for_the_accelerator(backend, tokens, rank, fused, variant
     fuse_shrink), and GPU's one-kernel delta (alone and after XLA's base GEMM), so every kernel
     variant lowers."""
     custom_call = TARGETS[backend][2]
-    d_in, d_out, slots = 1024, 2048, 8
-    spec = jax.ShapeDtypeStruct
-    lora = (spec((slots, d_in, rank), jnp.bfloat16), spec((slots, rank, d_out), jnp.bfloat16),
-            spec((tokens,), jnp.int32), spec((slots,), jnp.int32), spec((slots,), jnp.float32))
-    key = ShapeKey.of(tokens, d_in, d_out, rank, slots, fused)
+    key = ShapeKey.of(tokens, 1024, 2048, rank, 8, fused)
     tiles = heuristic(key, backend)
     if variant == "flipped":
         flipped = "sort" if backend == "pallas_gpu" else "fuse_shrink"
         tiles = dataclasses.replace(tiles, **{flipped: not getattr(tiles, flipped)})
     elif variant == "one-kernel":
         tiles = fit(dataclasses.replace(tiles, fuse_shrink=True, xla_base=fused), key, backend)
+    kernels = _kernels(backend, fused, tiles)
+    module = _exported_call(key, tiles, backend)
+    assert module.count(custom_call) == len(kernels) and all(name in module for name in kernels)
+
+
+# A tuned TPU table whose entries `fit` must bring to each shape (block sizes a tuner on another shape kept).
+TPU_TABLE = TileTable("TPU v5 lite", "pallas_tpu", "0.11.2", {
+    ShapeKey.of(16, 4096, 4096, 16, 4): Tiles(16, 1024, 16, 2048, fuse_shrink=True),
+    ShapeKey.of(4096, 4096, 11008, 64, 8): Tiles(256, 512, 64, 1024),
+    ShapeKey.of(256, 4096, 4096, 256, 16, fused=True): Tiles(64, 2048, 256, 512),
+})
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tokens=st.integers(1, 4096), dims=st.sampled_from([(64, 200), (96, 128), (1024, 2048), (4096, 11008)]),
+       rank=st.sampled_from([4, 8, 16, 64, 256]), slots=st.integers(1, 16), fused=st.booleans())
+def test_every_tpu_tile_choice_respects_the_8_by_128_layout(tokens, dims, rank, slots, fused):
+    """Whatever tiles the heuristic, a tuned table or tune's candidates give a shape (bf16, the serving dtype),
+    the TPU kernels lower: Pallas's Mosaic lowering refuses a block whose last two dims are not multiples of
+    (8, 128) and not the whole array's, naming it. Dims below 128 or not a multiple of it take whole-axis blocks."""
+    key = ShapeKey.of(tokens, *dims, rank, slots, fused)
+    choices = {heuristic(key, "pallas_tpu"), TPU_TABLE.lookup(key), *tune.candidates(key, "pallas_tpu", limit=4)}
+    for tiles in choices:
+        assert "tpu_custom_call" in _exported_call(key, tiles, "pallas_tpu"), tiles
+
+
+def _exported_call(key: ShapeKey, tiles, backend: str) -> str:
+    """The delta (batched_lora) or, for a fused key, the projection (lora_projection) at `key`'s shape
+    (bf16 operands, `key.adapters` slots), exported for the backend's abstract accelerator."""
+    tokens, d_in, d_out, rank, slots = key.tokens, key.d_in, key.d_out, key.rank, key.adapters
+    spec = jax.ShapeDtypeStruct
+    lora = (spec((slots, d_in, rank), jnp.bfloat16), spec((slots, rank, d_out), jnp.bfloat16),
+            spec((tokens,), jnp.int32), spec((slots,), jnp.int32), spec((slots,), jnp.float32))
     static = dict(backend=backend, tiles=tiles, interpret=False)
-    if fused:
+    if key.fused:
         fn = lambda x, w, *rest: api._lora_projection(x, w, *rest, **static)  # noqa: E731
         args = (spec((tokens, d_in), jnp.bfloat16), spec((d_in, d_out), jnp.bfloat16), *lora)
     else:
         fn = lambda *a: api._batched_lora(*a, **static)  # noqa: E731
         args = (spec((tokens, d_in), jnp.bfloat16), *lora, spec((tokens, d_out), jnp.bfloat16))
-    kernels = _kernels(backend, fused, tiles)
-    module = _exported_module(fn, args, backend)
-    assert module.count(custom_call) == len(kernels) and all(name in module for name in kernels)
+    return _exported_module(fn, args, backend)
 
 
 def _exported_module(fn, args, backend: str) -> str:
