@@ -185,6 +185,7 @@ class Engine:
         self._slots: list[_Work | None] = [None] * max_num_seqs
         self._tokens = np.zeros(max_num_seqs, np.int32)
         self._untexted: list[tuple[_Work, int, float]] = []  # booked tokens whose text is not streamed yet
+        self._split = None  # (pool version, (graphdef, state))
         self._waiting: collections.deque[_Work] = collections.deque()
         self._inbox: queue.Queue[_Work] = queue.Queue()
         self._lock = threading.RLock()  # the pool and the model's weights: the loop's steps, loads, unloads
@@ -465,7 +466,11 @@ class Engine:
         return out
 
     def _graph(self):
-        return nnx.split(self.model)
+        """The model split for the jitted steps, split again only after the pool has written its variables
+        (a split walks every module: at 7B widths it costs as much as a decode step's host work)."""
+        if self._split is None or self._split[0] != self.pool.version:
+            self._split = (self.pool.version, nnx.split(self.model))
+        return self._split[1]
 
     def _admit(self, work: _Work) -> None:
         request, sampling = work.request, work.request.sampling

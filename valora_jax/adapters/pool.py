@@ -285,6 +285,7 @@ class AdapterPool:
         self._held: collections.Counter[str] = collections.Counter()
         self._merged: str | None = None
         self._originals: dict[str, np.ndarray] = {}
+        self.version = 0  # bumped whenever the pool writes the model's variables (slots, kernels)
         self._unmerges = 0
 
     # -- host side -----------------------------------------------------------------------------------
@@ -524,6 +525,7 @@ class AdapterPool:
         return {k: getattr(heads, k)[...] for k in ("kernel", "bias", "count")}
 
     def _set_stacks(self, linear, serial=None, heads=None) -> None:
+        self.version += 1
         for sites, hook, values in ((self._linear, POOL_HOOK, linear), (self._serial, SERIAL_POOL_HOOK, serial)):
             for path, arrays in (values or {}).items():
                 stack = getattr(sites[path], hook)
@@ -625,6 +627,7 @@ class AdapterPool:
         return self._linear[path].kernel[...]
 
     def _set_kernels(self, kernels: dict[str, jax.Array]) -> None:
+        self.version += 1
         for path, value in kernels.items():
             self._linear[path].kernel.set_value(value)
 
