@@ -78,11 +78,11 @@ def test_step_features_by_hand():
     rows = [req("A", prompt=10, generated=3, images=1), req("B", prompt=20, generated=1, images=2),
             req(None, prompt=5, generated=0)]
     assert step_features(rows, "mixture", "A", prefill=False) == StepFeatures(
-        tokens=3, lora_tokens=0 + 2 + 1, adapters=2, context_tokens=13 + 21 + 5, images=0)
+        tokens=3, lora_tokens=0 + 2 + 1, adapters=2, context_tokens=13 + 21 + 5, images=0, merged=1)
     assert step_features(rows, "mixture", "A", prefill=True) == StepFeatures(
-        tokens=35, lora_tokens=0 + 2 * 20 + 5, adapters=2, context_tokens=0, images=3)
+        tokens=35, lora_tokens=0 + 2 * 20 + 5, adapters=2, context_tokens=0, images=3, merged=1)
     assert step_features(rows, "unmerged", None, prefill=False) == StepFeatures(3, 2, 2, 39, 0)
-    assert step_features(rows[:1], "merged", "A", prefill=True) == StepFeatures(10, 0, 0, 0, 1)
+    assert step_features(rows[:1], "merged", "A", prefill=True) == StepFeatures(10, 0, 0, 0, 1, 1)
     # In mixture, the merged adapter's term is computed only when some row carries a correction.
     assert step_features(rows[:1], "mixture", "A", prefill=False).adapters == 0
 
@@ -96,6 +96,18 @@ def test_linear_cost_fit_recovers_its_coefficients():
     fitted = LinearCost.fit(samples)
     for name, value in vars(truth).items():
         assert getattr(fitted, name) == pytest.approx(value, rel=1e-6, abs=1e-12), name
+
+
+def test_linear_cost_fit_is_the_best_non_negative_fit():
+    # The exact fit has per_adapter_s = -1 ms: the best non-negative one sets it to 0 and refits the rest,
+    # which fits better than clipping the unconstrained solution (clipping leaves every prediction high).
+    samples = [(StepFeatures(t, 0, ad), 0.005 + 0.002 * t - 0.001 * ad) for t in (1, 2, 4, 8) for ad in (0, 1, 2)]
+    fitted = LinearCost.fit(samples)
+    assert all(value >= 0 for value in vars(fitted).values()) and fitted.per_adapter_s == 0
+    clipped = LinearCost(fixed_s=0.005, per_token_s=0.002)
+    error = lambda cost: sum((cost.seconds(f) - s) ** 2 for f, s in samples)
+    assert error(fitted) < 0.5 * error(clipped)
+    assert sum(fitted.seconds(f) - s for f, s in samples) == pytest.approx(0, abs=1e-12)
 
 
 def test_profile_round_trip_and_the_shipped_cpu_profile(tmp_path):
