@@ -123,10 +123,16 @@ def serving_engine(model, processor, paths: dict, args, max_waiting: int) -> Eng
 
 def warm_up(engine: Engine, requests, slots: int) -> None:
     """Compile the programs a workload needs (every mode, the switches, the prompt buckets of its first
-    requests) by running its first `2 * slots` requests at once under valora and unmerged."""
+    requests) by running its first `2 * slots` requests at once under valora and unmerged, before and after
+    the pool's periodic restore of the base weights (restored weights are committed device arrays, for
+    which the jitted programs compile once more)."""
     progress("engine warm-up (compiles every program the workload needs)")
-    for policy in ("valora", "unmerged"):
-        live(engine, [(0.0, r) for _, r in requests[: 2 * slots]], policy)
+    for restored in (False, True):
+        if restored:
+            engine.pool.unmerge()
+            engine.pool.restore()
+        for policy in ("valora", "unmerged"):
+            live(engine, [(0.0, r) for _, r in requests[: 2 * slots]], policy)
 
 
 def one_adapter_at_a_time(generator: Generator, processor, requests, paths: dict, batch: int,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
 import sys
 import tempfile
@@ -35,6 +36,16 @@ from serve.bench_adapters import save_random_adapters
 from serve.bench_engine import add_live_args, build, progress, replay, requests_of, serving_engine, warm_up, workload
 from serve.cost_profile import CostProfile, StepTiming, fit_profile, save_profile
 from serve.engine.engine import Engine
+from serve.summary import RequestResult
+
+
+def device_name() -> str:
+    """The device the engine runs on, as profiles and benchmarks name it (a CPU with its core count)."""
+    device = jax.devices()[0]
+    return f"CPU ({os.cpu_count()} cores)" if device.platform == "cpu" else device.device_kind
+
+
+RETRIES = 2
 
 
 @contextlib.contextmanager
@@ -52,15 +63,27 @@ def running_engine(args, warm) -> Iterator[Engine]:
             yield engine
 
 
+def timed_replay(engine: Engine, requests, policy: str) -> tuple[list[RequestResult], list[StepTiming]]:
+    """`replay` with step timings on: each request's timestamps and each step's record. A run during which the
+    engine's jitted functions met a new signature (a shape or argument kind the warm-up missed: a trace, maybe a
+    compilation) runs again, up to `RETRIES` times, so that the timings are of steady-state steps."""
+    for attempt in range(1 + RETRIES):
+        programs, engine.step_timings = engine.compiled_programs(), []
+        results, _ = replay(engine, requests, policy)
+        timings, engine.step_timings = engine.step_timings, None
+        if engine.compiled_programs() == programs:
+            break
+        progress(f"the engine traced new programs during the {policy} run"
+                 + (": running it again" if attempt < RETRIES else "; keeping its timings"))
+    return results, timings
+
+
 def measure(engine: Engine, runs) -> list[StepTiming]:
     """Replay each (policy, requests) run with step timings on; every step's record."""
     timings: list[StepTiming] = []
     for policy, requests in runs:
         progress(f"measuring: {policy}, {len(requests)} requests")
-        engine.step_timings = []
-        replay(engine, requests, policy)
-        timings += engine.step_timings
-        engine.step_timings = None
+        timings += timed_replay(engine, requests, policy)[1]
     return timings
 
 
@@ -78,34 +101,32 @@ def residuals(profile: CostProfile, timings) -> dict:
     return out
 
 
-def profile_engine(engine: Engine, args, *, name: str, note: str = "") -> tuple[CostProfile, dict]:
-    """Measure and fit: every policy in `args.policies` at every rate in `args.rates` on workloads of seed
+def profile_engine(engine: Engine, args, rates, *, name: str, note: str = "") -> tuple[CostProfile, dict]:
+    """Measure and fit: every policy in `args.policies` at every rate in `rates` on workloads of seed
     `args.seed` + 1 + i (not the seed the benchmarks replay). The profile and its fit residuals."""
     cfg = engine.config
     runs = []
-    for i, rate in enumerate(args.rates):
+    for i, rate in enumerate(rates):
         requests = requests_of(workload(args, rate, args.seed + 1 + i), cfg, args.seed + 1 + i)
         runs += [(policy, requests) for policy in args.policies]
     timings = measure(engine, runs)
-    device = jax.devices()[0]
-    profile = fit_profile(timings, name=name, image_tokens=cfg.image_seq_length,
-                          device=f"{device.platform} {device.device_kind}",
+    profile = fit_profile(timings, name=name, image_tokens=cfg.image_seq_length, device=device_name(),
                           note=note or f"measured by python -m serve.profile on {args.preset} {args.dtype}: "
                                        f"{len(timings)} engine steps, policies {', '.join(args.policies)}, rates "
-                                       f"{', '.join(map(str, args.rates))}/s, {args.slots} slots")
+                                       f"{', '.join(map(str, rates))}/s, {args.slots} slots")
     return profile, residuals(profile, timings)
 
 
 def main(argv=None) -> CostProfile:
     p = argparse.ArgumentParser(prog="python -m serve.profile", description=__doc__.split("\n\n")[0])
-    add_live_args(p, duration=5.0)
+    add_live_args(p, duration=5.0, adapters=16, max_loras=16)
     p.add_argument("--rates", type=float, nargs="+", default=[4.0, 12.0], help="requests/s of the measured runs")
     p.add_argument("--name", help="the profile's name (default: the output file's stem)")
     p.add_argument("--note", default="", help="the profile's note (default: how it was measured)")
     p.add_argument("--out", type=pathlib.Path, required=True, help="the profile JSON to write")
     args = p.parse_args(argv)
     with running_engine(args, workload(args, max(args.rates), args.seed + 1)) as engine:
-        profile, fit = profile_engine(engine, args, name=args.name or args.out.stem, note=args.note)
+        profile, fit = profile_engine(engine, args, args.rates, name=args.name or args.out.stem, note=args.note)
     save_profile(profile, args.out)
     for part, r in fit.items():
         print(f"{part}: {r['samples']} samples, |error| median {r['median_rel_error']:.1%}, "
