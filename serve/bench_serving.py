@@ -2,6 +2,7 @@
 simulated on a measured cost profile, against VaLoRA's goal.
 
     python -m serve.bench_serving --out runs/bench_serving          # tiny on this device, cpu-tiny profile
+    python -m serve.bench_serving --profile measure                  # measure the profile first, same engine
     python -m serve.bench_serving --no-live --profile gpu-...        # the simulated sweep only
 
 Live: the engine (`serve.bench_engine`'s, the tiny model on CPU by default) replays a Poisson trace at each
@@ -36,7 +37,7 @@ import scipy.stats
 from serve.batching import Limits
 from serve.bench_engine import add_live_args, progress, replay, requests_of, workload
 from serve.cost_profile import CostProfile, load_profile
-from serve.profile import device_name, running_engine
+from serve.profile import device_name, profile_engine, running_engine
 from serve.simulator import simulate
 from serve.summary import RequestResult, markdown_table, summarize
 from serve.workload import RequestSpec
@@ -201,10 +202,15 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 
 def run(args) -> dict:
-    profile = load_profile(args.profile)
+    measured = args.profile == "measure"
+    if measured and not args.live_rates:
+        raise SystemExit("--profile measure measures on the live engine: give --live-rates")
+    profile = None if measured else load_profile(args.profile)
     live = []
     if args.live_rates:
         with running_engine(args, workload(args, max(args.live_rates), args.seed + 1)) as engine:
+            if measured:
+                profile, _ = profile_engine(engine, args, args.live_rates, name="measured in this run")
             live = live_rows(engine, args, profile)
     progress(f"simulating {len(args.sim_skews) * len(args.sim_rates) * len(args.policies)} runs on {profile.name}")
     sim = sweep_rows(args, profile)
@@ -223,7 +229,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--live-rates", type=float, nargs="*", default=[4.0, 8.0],
                    help="requests/s of the live runs (none: simulate only)")
     p.add_argument("--no-live", dest="live_rates", action="store_const", const=[], help="simulate only")
-    p.add_argument("--profile", default="cpu-tiny", help="cost profile: a name in configs/profiles or a JSON file")
+    p.add_argument("--profile", default="cpu-tiny",
+                   help="cost profile: a name in configs/profiles, a JSON file, or 'measure' (on the live engine, "
+                        "before the live runs, on traces of other seeds; written to the output as profile.json)")
     p.add_argument("--sim-rates", type=float, nargs="+", default=[2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0])
     p.add_argument("--sim-skews", type=float, nargs="+", default=[0.8, 0.5, 0.2])
     p.add_argument("--sim-adapters", type=int, default=16)
@@ -243,6 +251,8 @@ def main(argv=None) -> dict:
     (args.out / "bench_serving.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "bench_serving.md").write_text(text + "\n")
     plot(result, args.out / "bench_serving.png")
+    if args.profile == "measure":
+        (args.out / "profile.json").write_text(json.dumps(result["profile"], indent=2) + "\n")
     print(f"\ngoal {'met' if result['goal']['met'] else 'NOT met'}; wrote {args.out}/bench_serving.{{json,md,png}}",
           file=sys.stderr)
     return result

@@ -109,11 +109,15 @@ def profile_engine(engine: Engine, args, rates, *, name: str, note: str = "") ->
     for i, rate in enumerate(rates):
         requests = requests_of(workload(args, rate, args.seed + 1 + i), cfg, args.seed + 1 + i)
         runs += [(policy, requests) for policy in args.policies]
+    load = os.getloadavg()[0]
     timings = measure(engine, runs)
     profile = fit_profile(timings, name=name, image_tokens=cfg.image_seq_length, device=device_name(),
                           note=note or f"measured by python -m serve.profile on {args.preset} {args.dtype}: "
                                        f"{len(timings)} engine steps, policies {', '.join(args.policies)}, rates "
-                                       f"{', '.join(map(str, rates))}/s, {args.slots} slots")
+                                       f"{', '.join(map(str, rates))}/s, {args.slots} slots, {args.adapters} "
+                                       f"adapters of rank {args.rank}; 1-minute load average "
+                                       f"{load:.1f} before and {os.getloadavg()[0]:.1f} after on "
+                                       f"{os.cpu_count()} cores")
     return profile, residuals(profile, timings)
 
 

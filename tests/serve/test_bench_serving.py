@@ -72,12 +72,13 @@ def result(rid, arrival, first, finish):
 
 
 def test_tracking_by_hand():
-    live = [result("x", 0.0, 1.0, 2.0), result("y", 1.0, 1.5, 3.0)]
+    live = [result("x", 0.0, 1.0, 2.0), result("y", 1.0, 1.5, 3.5)]
     sim = [result("y", 1.0, 2.0, 4.0), result("x", 0.0, 0.5, 2.0)]
     t = tracking(live, sim)
-    assert t["sim_over_live_latency"] == pytest.approx((2 + 3) / (2 + 2))
+    assert t["sim_over_live_latency"] == pytest.approx((2 + 3) / (2 + 2.5))
     assert t["sim_over_live_ttft"] == pytest.approx((0.5 + 1) / (1 + 0.5))
-    assert t["latency_mean_rel_error"] == pytest.approx((0 + 0.5) / 2)
+    assert t["latency_mean_rel_error"] == pytest.approx((0 + 0.5 / 2.5) / 2)
+    assert t["latency_rank_correlation"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no simulated twin"):
         tracking(live, sim[:1])
 
