@@ -129,20 +129,22 @@ def dominant_cost(profile: CostProfile, rows: list[dict]) -> str:
     busy = sum(sum(r["mode_seconds"].values()) for r in valora)
     switch = sum(r["switches"] for r in valora) * (profile.merge_s + profile.unmerge_s) / 2
     merged_time = sum(r["mode_seconds"].get("merged", 0.0) + r["mode_seconds"].get("mixture", 0.0) for r in valora)
-    d = profile.decode
+    pre, d = profile.prefill, profile.decode
     lines = [f"On profile `{profile.name}`, valora at skew {HIGH_SKEW} spends {switch / busy:.0%} of its busy time "
              f"switching weights ({profile.merge_s * 1e3:.1f} ms a merge, {profile.unmerge_s * 1e3:.1f} ms an unmerge) "
              f"and {merged_time / busy:.0%} in merged or mixture steps." if busy else
              f"valora ran no step at skew {HIGH_SKEW}."]
+    lines.append(f"With an adapter merged, a prefill step costs {pre.per_merged_s * 1e3:.1f} ms and a decode step "
+                 f"{d.per_merged_s * 1e3:.2f} ms more than unmerged (this engine's merged and mixture program "
+                 f"computes the correction on every slot), while a row of the merged adapter saves "
+                 f"{d.per_lora_token_s * 1e3:.3f} ms of decode and a prompt token {pre.per_lora_token_s * 1e3:.3f} ms "
+                 f"of prefill.")
     if d.per_lora_token_s > 0:
-        breakeven = d.per_merged_s / d.per_lora_token_s
-        lines.append(f"A decode step with an adapter merged costs {d.per_merged_s * 1e3:.2f} ms more than an unmerged "
-                     f"one and saves {d.per_lora_token_s * 1e3:.3f} ms per row of the merged adapter: merging pays "
-                     f"only with more than {breakeven:.0f} such rows per step, before switches.")
+        lines.append(f"A merged decode step pays off only with more than {d.per_merged_s / d.per_lora_token_s:.0f} "
+                     f"rows of the merged adapter, before switches and the prefill's extra cost.")
     else:
-        lines.append(f"The profile charges no decode cost per LoRA row (per_lora_token_s = 0), so merging saves "
-                     f"nothing while a merged step costs {d.per_merged_s * 1e3:.2f} ms more than an unmerged one: "
-                     f"every merged step and switch is pure overhead on this device.")
+        lines.append("The profile charges no decode cost per LoRA row, so merging saves nothing here: every merged "
+                     "step and switch is overhead on this device.")
     return " ".join(lines)
 
 
@@ -155,10 +157,10 @@ def markdown(result: dict) -> str:
                 f"rate; `sim/live` is the simulated twin's average token latency (profile `{meta['profile']}`) over "
                 f"the live one.", "",
                 markdown_table(result["live"], lead=(("rate", "req/s offered", "{:g}"),)), ""]
-        out += ["| req/s offered | policy | sim/live avg token latency | sim/live TTFT | per-request latency |error| |",
-                "|---|---|---|---|---|"]
+        out += ["| req/s offered | policy | sim/live avg token latency | sim/live mean TTFT | mean per-request latency "
+                "error | per-request latency rank correlation |", "|---|---|---|---|---|---|"]
         out += [f"| {r['rate']:g} | {r['policy']} | {r['sim_over_live_latency']:.2f} | {r['sim_over_live_ttft']:.2f} "
-                f"| {r['latency_mean_rel_error']:.0%} |" for r in result["live"]]
+                f"| {r['latency_mean_rel_error']:.0%} | {r['latency_rank_correlation']:.2f} |" for r in result["live"]]
         out.append("")
     for skew in sorted({r["skew"] for r in result["simulated"]}, reverse=True):
         rows = [r for r in result["simulated"] if r["skew"] == skew]

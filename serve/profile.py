@@ -112,7 +112,7 @@ def profile_engine(engine: Engine, args, rates, *, name: str, note: str = "") ->
     load = os.getloadavg()[0]
     timings = measure(engine, runs)
     profile = fit_profile(timings, name=name, image_tokens=cfg.image_seq_length, device=device_name(),
-                          note=note or f"measured by python -m serve.profile on {args.preset} {args.dtype}: "
+                          note=note or f"measured by serve.profile on {args.preset} {args.dtype}: "
                                        f"{len(timings)} engine steps, policies {', '.join(args.policies)}, rates "
                                        f"{', '.join(map(str, rates))}/s, {args.slots} slots, {args.adapters} "
                                        f"adapters of rank {args.rank}; 1-minute load average "

@@ -112,7 +112,7 @@ def test_linear_cost_fit_is_the_best_non_negative_fit():
 
 def test_profile_round_trip_and_the_shipped_cpu_profile(tmp_path):
     profile = load_profile("cpu-tiny")
-    assert profile.image_tokens == 16 and "measured by python -m serve.profile" in profile.note
+    assert profile.image_tokens == 16 and "measured by serve.profile" in profile.note
     save_profile(profile, tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json") == profile
     (tmp_path / "bad.json").write_text(json.dumps({"prefill": {}, "decode": {}}))
