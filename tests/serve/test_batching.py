@@ -1,12 +1,22 @@
 """Batching rules (serve.batching) and the cost model's step features (serve.cost_profile), against
 hand-derived values."""
 
+import dataclasses
 import json
 
 import pytest
 
 from serve.batching import Limits, Plan, Request, StepState, check_plan, fill, lora_terms, mode_for, switch_ops
-from serve.cost_profile import CostProfile, LinearCost, StepFeatures, load_profile, save_profile, step_features
+from serve.cost_profile import (
+    CostProfile,
+    LinearCost,
+    StepFeatures,
+    StepTiming,
+    fit_profile,
+    load_profile,
+    save_profile,
+    step_features,
+)
 
 
 def req(adapter, prompt=10, out=5, generated=0, images=0, name="r"):
@@ -108,6 +118,21 @@ def test_linear_cost_fit_is_the_best_non_negative_fit():
     error = lambda cost: sum((cost.seconds(f) - s) ** 2 for f, s in samples)
     assert error(fitted) < 0.5 * error(clipped)
     assert sum(fitted.seconds(f) - s for f, s in samples) == pytest.approx(0, abs=1e-12)
+
+
+def test_fit_profile_from_step_timings():
+    truth = LinearCost(fixed_s=0.01, per_token_s=1e-3, per_merged_s=0.02)
+    steps = [StepTiming(switch=(("unmerge", 0.004), ("merge", 0.006)) if i % 3 == 0 else (),
+                        prefill=StepFeatures(tokens=8 * i + 4, merged=i % 2), prefill_s=truth.seconds(
+                            StepFeatures(tokens=8 * i + 4, merged=i % 2)),
+                        decode=StepFeatures(tokens=i + 1) if i else None, decode_s=0.005 + 1e-4 * (i + 1))
+             for i in range(9)]
+    profile = fit_profile(steps, name="p", image_tokens=16, device="d")
+    assert (profile.merge_s, profile.unmerge_s) == (0.006, 0.004)
+    assert profile.prefill.per_merged_s == pytest.approx(0.02) and profile.prefill.per_token_s == pytest.approx(1e-3)
+    assert profile.decode.fixed_s == pytest.approx(0.005) and profile.decode.per_token_s == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="no merge, unmerge"):
+        fit_profile([dataclasses.replace(t, switch=()) for t in steps], name="p", image_tokens=16)
 
 
 def test_profile_round_trip_and_the_shipped_cpu_profile(tmp_path):
