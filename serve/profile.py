@@ -6,17 +6,20 @@ The engine (`serve.engine.Engine`, the same one `serve.bench_engine` drives) rep
 workloads in real time under every policy at a few request rates, after a warm-up that compiles its
 programs. With `Engine.step_timings` on, each step records the time of each weight switch, of the
 prefill of the admitted requests and of the decode step, with their `StepFeatures` (tokens, LoRA
-terms per mode, distinct adapters, attended context, images); `serve.cost_profile.fit_profile` fits
+terms per mode, distinct adapters, attended context, images, merged or not); `serve.cost_profile.fit_profile` fits
 the linear cost model to them and the result is written as a profile file the simulator reads
 (`python -m serve.simulate --profile ...`). The runs cover every mode and a spread of batch sizes
 because the policies and rates differ.
 
 What the engine's steps cost, and how the linear model sees it: the engine prefills each admitted
-request alone (its prompt bucketed to a power of two), so a request's fixed cost lands on
-`per_image_s` when every request carries one image; decode runs every slot in one call of a fixed
-shape, so its device time barely depends on the running rows, and per-row host work (sampling
-results, detokenising) lands on `per_token_s`. The fit's residuals are printed (median and 90th
-percentile of |predicted - measured| / measured per part).
+request alone (its prompt bucketed to a power of two), so a request's fixed cost is spread over
+`per_token_s` and `per_image_s` (with one image per request the fit cannot tell them apart); decode runs
+every slot in one call of a fixed shape, so its device time barely depends on the running rows, and
+per-row host work (sampling results, detokenising) lands on `per_token_s`; the merged / mixture
+program's extra cost over the unmerged one lands on `per_merged_s`. Each measured run in which the
+engine traced a new program runs again (`timed_replay`). The fit's residuals are printed (median and
+90th percentile of |predicted - measured| / measured per part): on a shared CPU they are large, since
+single steps vary with the machine's load; the fit is of the mean.
 """
 
 from __future__ import annotations
