@@ -189,12 +189,17 @@ def plot(result: dict, path: pathlib.Path) -> None:
     panels = [(f"simulated, skew {s} ({result['meta']['profile']})", [r for r in result["simulated"] if r["skew"] == s])
               for s in sorted({r["skew"] for r in result["simulated"]}, reverse=True)]
     if result["live"]:
-        panels.append((f"live, skew {result['meta']['skew']} ({result['meta']['device']})", result["live"]))
+        panels.append((f"live, skew {result['meta']['skew']}, {result['meta']['device']}\n(dashed: simulated twins)",
+                       result["live"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (title, rows) in zip(axes[0], panels):
         for policy in sorted({r["policy"] for r in rows}):
-            points = sorted((r["rate"], 1e3 * r["avg_token_latency_s"]) for r in rows if r["policy"] == policy)
-            ax.plot(*zip(*points), marker="o", label=policy)
+            mine = [r for r in rows if r["policy"] == policy]
+            points = sorted((r["rate"], 1e3 * r["avg_token_latency_s"]) for r in mine)
+            line, = ax.plot(*zip(*points), marker="o", label=policy)
+            if "simulated_avg_token_latency_s" in mine[0]:  # a live panel: the simulated twins, dashed
+                twins = sorted((r["rate"], 1e3 * r["simulated_avg_token_latency_s"]) for r in mine)
+                ax.plot(*zip(*twins), linestyle="--", marker="x", color=line.get_color())
         ax.set(title=title, xlabel="requests/s", ylabel="average token latency (ms)", yscale="log")
         ax.grid(alpha=0.3)
     axes[0][0].legend()

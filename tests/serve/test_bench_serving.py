@@ -106,3 +106,5 @@ def test_cli_simulated_only(tmp_path, capsys):
     assert "Simulated on profile `cpu-tiny`" in text and "| 8 | valora |" in text
     assert (tmp_path / "bench_serving.png").read_bytes()[:4] == b"\x89PNG"
     assert ("goal met" in capsys.readouterr().err) == data["goal"]["met"]
+    with pytest.raises(SystemExit, match="--live-rates"):
+        main(["--no-live", "--profile", "measure", "--out", str(tmp_path)])
