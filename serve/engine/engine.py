@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from serve import batching
+from serve.cost_profile import StepTiming, step_features
 from serve.engine.requests import (
     GenerationRequest,
     RequestError,
@@ -197,6 +198,7 @@ class Engine:
         self._ids = itertools.count()
         self.switches = 0
         self.mode = "unmerged"
+        self.step_timings: list[StepTiming] | None = None  # a list: each step appends its phases' times
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -414,7 +416,8 @@ class Engine:
                 return
 
     def step(self) -> None:
-        """One scheduling step: plan, switch, prefill the admitted requests, decode the running ones."""
+        """One scheduling step: plan, switch, prefill the admitted requests, decode the running ones. With
+        `step_timings` a list, the step appends its `StepTiming` (what `python -m serve.profile` fits)."""
         with self._on_mesh():
             self._step()
 
@@ -431,18 +434,33 @@ class Engine:
                                    self.pool.merged, self.limits)
         plan = self.policy.plan(state)
         batching.check_plan(plan, state)
+        timings = self.step_timings  # read once: a caller may swap the list between steps
+        timing = timings is not None
+        switch = []
         for op, name in batching.switch_ops(self.pool.merged, plan.merged):
+            start = now()
             self.pool.unmerge() if op == "unmerge" else self.pool.merge(name)
             self.switches += 1
+            if timing:  # the update is asynchronous: wait for it so that its time is its own
+                jax.block_until_ready(nnx.state(self.model))
+                switch.append((op, now() - start))
         self.mode = plan.mode
         admitted = self._within_lora_slots(plan.admit, running)
         by_sched = {id(w.sched): w for w in waiting}
+        decode = step_features([w.sched for w in running], plan.mode, plan.merged, prefill=False) \
+            if timing and running else None
+        prefill_start = now()
         for sched in admitted:
             work = by_sched[id(sched)]
             self._waiting.remove(work)
             self._admit(work)
+        decode_start = now()
         if running:
             self._decode_running(running)
+        if timing:
+            timings.append(StepTiming(
+                tuple(switch), step_features(admitted, plan.mode, plan.merged, prefill=True) if admitted else None,
+                decode_start - prefill_start, decode, now() - decode_start))
 
     def _adapter_ready(self, work: _Work) -> bool:
         """False (and the request fails) when its adapter was unloaded while it waited."""

@@ -226,6 +226,15 @@ def _unmerge(kernels, linear, slot):
             for name, w in kernels.items()}
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_back(kernels, originals):
+    """The original weights written into the kernels' (donated) buffers: through a jitted update, as merge
+    and unmerge, so the restored arrays are placed as theirs are and the steps that read them never
+    compile again."""
+    return {p: jax.lax.dynamic_update_slice(w, originals[p].astype(w.dtype), (0,) * w.ndim)
+            for p, w in kernels.items()}
+
+
 class AdapterPool:
     """Adapters in device slots and host memory, selected per row; see the module docstring.
 
@@ -637,8 +646,8 @@ class AdapterPool:
                 self._originals[path] = np.asarray(jax.device_get(self._kernel(path)))
 
     def _restore(self, sites: Sequence[str]) -> None:
-        self._set_kernels({path: jax.device_put(self._originals[path], self._kernel(path).sharding)
-                           for path in sites})
+        self._set_kernels(_write_back({path: self._kernel(path) for path in sites},
+                                      {path: self._originals[path] for path in sites}))
 
 
 def _selected(targets, path: str) -> bool:
