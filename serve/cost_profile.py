@@ -5,6 +5,7 @@ Prefill and decode are each a linear function of the step's features (`StepFeatu
 
     seconds = fixed_s + per_token_s * tokens + per_lora_token_s * lora_tokens
               + per_adapter_s * adapters + per_context_token_s * context_tokens + per_image_s * images
+              + per_merged_s * merged
 
 - tokens: positions computed (prefill: the admitted prompts, image tokens included; decode: one
   per running row).
@@ -16,6 +17,10 @@ Prefill and decode are each a linear function of the step's features (`StepFeatu
 - context_tokens: KV positions the decode step attends over (prompt plus tokens generated so far,
   summed over rows); 0 for prefill.
 - images: images encoded (prefill only).
+- merged: 1 when an adapter is folded into the weights during the step (merged or mixture mode),
+  else 0: what an engine's merged / mixture program costs beyond its unmerged one whatever its rows
+  (this project's engine runs one program of fixed shape for both modes, computing the mixture
+  correction on every slot, so on it merged mode is not free of LoRA work).
 
 Switches: `merge_s` and `unmerge_s` per weight change (`serve.batching.switch_ops`).
 
@@ -26,8 +31,9 @@ A profile file:
      "decode": {...},
      "switch": {"merge_s": ..., "unmerge_s": ...}}
 
-`LinearCost.fit` fits the coefficients to measured (features, seconds) samples by least squares,
-which is how an engine's `--profile` run turns its timings into a profile.
+`LinearCost.fit` fits the coefficients to measured (features, seconds) samples by least squares;
+`fit_profile` turns the engine's per-step `StepTiming` records into a profile (`python -m serve.profile`
+measures one on the current device).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import pathlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import scipy.optimize
 
 from serve.batching import Mode, Request, lora_terms
 
@@ -51,6 +58,7 @@ class StepFeatures:
     adapters: int = 0
     context_tokens: int = 0
     images: int = 0
+    merged: int = 0
 
 
 FEATURES = tuple(f.name for f in dataclasses.fields(StepFeatures))
@@ -77,7 +85,7 @@ def step_features(rows: Sequence[Request], mode: Mode, merged: str | None, *, pr
             context += r.prompt_tokens + r.generated
     if corrected:
         adapters.add(merged)
-    return StepFeatures(tokens, lora_tokens, len(adapters), context, images)
+    return StepFeatures(tokens, lora_tokens, len(adapters), context, images, int(merged is not None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,23 +96,35 @@ class LinearCost:
     per_adapter_s: float = 0.0
     per_context_token_s: float = 0.0
     per_image_s: float = 0.0
+    per_merged_s: float = 0.0
 
     def seconds(self, f: StepFeatures) -> float:
         return (self.fixed_s + self.per_token_s * f.tokens + self.per_lora_token_s * f.lora_tokens
                 + self.per_adapter_s * f.adapters + self.per_context_token_s * f.context_tokens
-                + self.per_image_s * f.images)
+                + self.per_image_s * f.images + self.per_merged_s * f.merged)
 
     @classmethod
     def fit(cls, samples: Iterable[tuple[StepFeatures, float]]) -> LinearCost:
-        """Least-squares coefficients (clipped at 0) from measured (features, seconds) samples; a
-        feature that never varies from 0 in the samples gets coefficient 0."""
+        """Non-negative least-squares coefficients (`scipy.optimize.nnls`: no cost is negative) from
+        measured (features, seconds) samples; a feature that is 0 in every sample gets coefficient 0."""
         samples = list(samples)
         if not samples:
             raise ValueError("LinearCost.fit needs at least one (features, seconds) sample")
         x = np.array([[1.0, *(getattr(f, name) for name in FEATURES)] for f, _ in samples])
         y = np.array([s for _, s in samples], dtype=np.float64)
-        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-        return cls(*(max(0.0, float(c)) for c in coef))
+        coef, _ = scipy.optimize.nnls(x, y)
+        return cls(*(float(c) for c in coef))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """One measured engine step: each weight switch (op, seconds), the prefill's features and seconds
+    (None / 0 when nothing was admitted) and the decode's (None / 0 when nothing was running)."""
+    switch: tuple[tuple[str, float], ...]
+    prefill: StepFeatures | None
+    prefill_s: float
+    decode: StepFeatures | None
+    decode_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +162,21 @@ class CostProfile:
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: not a cost profile ({type(e).__name__}: {e}); expected keys "
                              f"prefill, decode, switch.merge_s, switch.unmerge_s; coefficients {FEATURES}") from e
+
+
+def fit_profile(timings: Sequence[StepTiming], *, name: str, image_tokens: int, device: str = "",
+                note: str = "") -> CostProfile:
+    """A profile fitted to measured steps: prefill and decode by `LinearCost.fit`, merge and unmerge as
+    the median of their measured times (a switch's cost does not depend on the batch)."""
+    prefill = [(t.prefill, t.prefill_s) for t in timings if t.prefill is not None]
+    decode = [(t.decode, t.decode_s) for t in timings if t.decode is not None]
+    ops = {op: [s for t in timings for o, s in t.switch if o == op] for op in ("merge", "unmerge")}
+    missing = [what for what, samples in (("prefill", prefill), ("decode", decode), *ops.items()) if not samples]
+    if missing:
+        raise ValueError(f"the measured steps have no {', '.join(missing)}: a profile needs every part timed")
+    return CostProfile(name=name, device=device, note=note, image_tokens=image_tokens,
+                       prefill=LinearCost.fit(prefill), decode=LinearCost.fit(decode),
+                       merge_s=float(np.median(ops["merge"])), unmerge_s=float(np.median(ops["unmerge"])))
 
 
 def load_profile(name_or_path: str | pathlib.Path) -> CostProfile:

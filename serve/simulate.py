@@ -5,8 +5,9 @@
     python -m serve.simulate --replicas 4 --router affinity --rate 32 --json out.json
 
 Prints a Markdown table (one row per policy; the profile and workload named above it) and, with
-`--json`, writes the summaries. The costs come from a profile (`--profile`, default the cpu-tiny
-placeholder in configs/profiles); the workload from `serve.workload` or a JSONL file (`--workload`).
+`--json`, writes the summaries. The costs come from a profile (`--profile`, default cpu-tiny in
+configs/profiles, measured by `python -m serve.profile`); the workload from `serve.workload` or a JSONL
+file (`--workload`).
 """
 
 from __future__ import annotations

@@ -79,13 +79,15 @@ COLUMNS = (("policy", "policy", "{}"), ("avg_token_latency_s", "avg token latenc
            ("slo_attainment", "SLO", "{:.1%}"), ("switches", "switches", "{}"))
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    """A Markdown table of summaries (each with a "policy" key added), one row per summary."""
-    header = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * len(COLUMNS)]
+def markdown_table(rows: Sequence[dict], lead: Sequence[tuple] = ()) -> str:
+    """A Markdown table of summaries (each with a "policy" key added), one row per summary; `lead` puts
+    more columns (key, header, format) before the policy's."""
+    columns = (*lead, *COLUMNS)
+    header = "| " + " | ".join(c[1] for c in columns) + " |"
+    lines = [header, "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
-        for key, _, fmt, *scale in COLUMNS:
+        for key, _, fmt, *scale in columns:
             value = row[key]
             cells.append(fmt.format(value * scale[0] if scale else value))
         lines.append("| " + " | ".join(cells) + " |")

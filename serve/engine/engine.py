@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from serve import batching
+from serve.cost_profile import StepTiming, step_features
 from serve.engine.requests import (
     GenerationRequest,
     RequestError,
@@ -185,6 +186,7 @@ class Engine:
         self._slots: list[_Work | None] = [None] * max_num_seqs
         self._tokens = np.zeros(max_num_seqs, np.int32)
         self._untexted: list[tuple[_Work, int, float]] = []  # booked tokens whose text is not streamed yet
+        self._split = None  # (pool version, (graphdef, state))
         self._waiting: collections.deque[_Work] = collections.deque()
         self._inbox: queue.Queue[_Work] = queue.Queue()
         self._lock = threading.RLock()  # the pool and the model's weights: the loop's steps, loads, unloads
@@ -196,6 +198,7 @@ class Engine:
         self._ids = itertools.count()
         self.switches = 0
         self.mode = "unmerged"
+        self.step_timings: list[StepTiming] | None = None  # a list: each step appends its phases' times
 
     # -- construction ----------------------------------------------------------------------------------
     @classmethod
@@ -413,7 +416,8 @@ class Engine:
                 return
 
     def step(self) -> None:
-        """One scheduling step: plan, switch, prefill the admitted requests, decode the running ones."""
+        """One scheduling step: plan, switch, prefill the admitted requests, decode the running ones. With
+        `step_timings` a list, the step appends its `StepTiming` (what `python -m serve.profile` fits)."""
         with self._on_mesh():
             self._step()
 
@@ -430,18 +434,33 @@ class Engine:
                                    self.pool.merged, self.limits)
         plan = self.policy.plan(state)
         batching.check_plan(plan, state)
+        timings = self.step_timings  # read once: a caller may swap the list between steps
+        timing = timings is not None
+        switch = []
         for op, name in batching.switch_ops(self.pool.merged, plan.merged):
+            start = now()
             self.pool.unmerge() if op == "unmerge" else self.pool.merge(name)
             self.switches += 1
+            if timing:  # the update is asynchronous: wait for it so that its time is its own
+                jax.block_until_ready(nnx.state(self.model))
+                switch.append((op, now() - start))
         self.mode = plan.mode
         admitted = self._within_lora_slots(plan.admit, running)
         by_sched = {id(w.sched): w for w in waiting}
+        decode = step_features([w.sched for w in running], plan.mode, plan.merged, prefill=False) \
+            if timing and running else None
+        prefill_start = now()
         for sched in admitted:
             work = by_sched[id(sched)]
             self._waiting.remove(work)
             self._admit(work)
+        decode_start = now()
         if running:
             self._decode_running(running)
+        if timing:
+            timings.append(StepTiming(
+                tuple(switch), step_features(admitted, plan.mode, plan.merged, prefill=True) if admitted else None,
+                decode_start - prefill_start, decode, now() - decode_start))
 
     def _adapter_ready(self, work: _Work) -> bool:
         """False (and the request fails) when its adapter was unloaded while it waited."""
@@ -465,7 +484,11 @@ class Engine:
         return out
 
     def _graph(self):
-        return nnx.split(self.model)
+        """The model split for the jitted steps, split again only after the pool has written its variables
+        (a split walks every module: at 7B widths it costs as much as a decode step's host work)."""
+        if self._split is None or self._split[0] != self.pool.version:
+            self._split = (self.pool.version, nnx.split(self.model))
+        return self._split[1]
 
     def _admit(self, work: _Work) -> None:
         request, sampling = work.request, work.request.sampling

@@ -1,12 +1,22 @@
 """Batching rules (serve.batching) and the cost model's step features (serve.cost_profile), against
 hand-derived values."""
 
+import dataclasses
 import json
 
 import pytest
 
 from serve.batching import Limits, Plan, Request, StepState, check_plan, fill, lora_terms, mode_for, switch_ops
-from serve.cost_profile import CostProfile, LinearCost, StepFeatures, load_profile, save_profile, step_features
+from serve.cost_profile import (
+    CostProfile,
+    LinearCost,
+    StepFeatures,
+    StepTiming,
+    fit_profile,
+    load_profile,
+    save_profile,
+    step_features,
+)
 
 
 def req(adapter, prompt=10, out=5, generated=0, images=0, name="r"):
@@ -78,11 +88,11 @@ def test_step_features_by_hand():
     rows = [req("A", prompt=10, generated=3, images=1), req("B", prompt=20, generated=1, images=2),
             req(None, prompt=5, generated=0)]
     assert step_features(rows, "mixture", "A", prefill=False) == StepFeatures(
-        tokens=3, lora_tokens=0 + 2 + 1, adapters=2, context_tokens=13 + 21 + 5, images=0)
+        tokens=3, lora_tokens=0 + 2 + 1, adapters=2, context_tokens=13 + 21 + 5, images=0, merged=1)
     assert step_features(rows, "mixture", "A", prefill=True) == StepFeatures(
-        tokens=35, lora_tokens=0 + 2 * 20 + 5, adapters=2, context_tokens=0, images=3)
+        tokens=35, lora_tokens=0 + 2 * 20 + 5, adapters=2, context_tokens=0, images=3, merged=1)
     assert step_features(rows, "unmerged", None, prefill=False) == StepFeatures(3, 2, 2, 39, 0)
-    assert step_features(rows[:1], "merged", "A", prefill=True) == StepFeatures(10, 0, 0, 0, 1)
+    assert step_features(rows[:1], "merged", "A", prefill=True) == StepFeatures(10, 0, 0, 0, 1, 1)
     # In mixture, the merged adapter's term is computed only when some row carries a correction.
     assert step_features(rows[:1], "mixture", "A", prefill=False).adapters == 0
 
@@ -98,9 +108,36 @@ def test_linear_cost_fit_recovers_its_coefficients():
         assert getattr(fitted, name) == pytest.approx(value, rel=1e-6, abs=1e-12), name
 
 
+def test_linear_cost_fit_is_the_best_non_negative_fit():
+    # The exact fit has per_adapter_s = -1 ms: the best non-negative one sets it to 0 and refits the rest,
+    # which fits better than clipping the unconstrained solution (clipping leaves every prediction high).
+    samples = [(StepFeatures(t, 0, ad), 0.005 + 0.002 * t - 0.001 * ad) for t in (1, 2, 4, 8) for ad in (0, 1, 2)]
+    fitted = LinearCost.fit(samples)
+    assert all(value >= 0 for value in vars(fitted).values()) and fitted.per_adapter_s == 0
+    clipped = LinearCost(fixed_s=0.005, per_token_s=0.002)
+    error = lambda cost: sum((cost.seconds(f) - s) ** 2 for f, s in samples)
+    assert error(fitted) < 0.5 * error(clipped)
+    assert sum(fitted.seconds(f) - s for f, s in samples) == pytest.approx(0, abs=1e-12)
+
+
+def test_fit_profile_from_step_timings():
+    truth = LinearCost(fixed_s=0.01, per_token_s=1e-3, per_merged_s=0.02)
+    steps = [StepTiming(switch=(("unmerge", 0.004), ("merge", 0.006)) if i % 3 == 0 else (),
+                        prefill=StepFeatures(tokens=8 * i + 4, merged=i % 2), prefill_s=truth.seconds(
+                            StepFeatures(tokens=8 * i + 4, merged=i % 2)),
+                        decode=StepFeatures(tokens=i + 1) if i else None, decode_s=0.005 + 1e-4 * (i + 1))
+             for i in range(9)]
+    profile = fit_profile(steps, name="p", image_tokens=16, device="d")
+    assert (profile.merge_s, profile.unmerge_s) == (0.006, 0.004)
+    assert profile.prefill.per_merged_s == pytest.approx(0.02) and profile.prefill.per_token_s == pytest.approx(1e-3)
+    assert profile.decode.fixed_s == pytest.approx(0.005) and profile.decode.per_token_s == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="no merge, unmerge"):
+        fit_profile([dataclasses.replace(t, switch=()) for t in steps], name="p", image_tokens=16)
+
+
 def test_profile_round_trip_and_the_shipped_cpu_profile(tmp_path):
     profile = load_profile("cpu-tiny")
-    assert profile.image_tokens == 16 and "not measured" in profile.note
+    assert profile.image_tokens == 16 and "measured by serve.profile" in profile.note
     save_profile(profile, tmp_path / "p.json")
     assert load_profile(tmp_path / "p.json") == profile
     (tmp_path / "bad.json").write_text(json.dumps({"prefill": {}, "decode": {}}))

@@ -226,6 +226,15 @@ def _unmerge(kernels, linear, slot):
             for name, w in kernels.items()}
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_back(kernels, originals):
+    """The original weights written into the kernels' (donated) buffers: through a jitted update, as merge
+    and unmerge, so the restored arrays are placed as theirs are and the steps that read them never
+    compile again."""
+    return {p: jax.lax.dynamic_update_slice(w, originals[p].astype(w.dtype), (0,) * w.ndim)
+            for p, w in kernels.items()}
+
+
 class AdapterPool:
     """Adapters in device slots and host memory, selected per row; see the module docstring.
 
@@ -285,6 +294,7 @@ class AdapterPool:
         self._held: collections.Counter[str] = collections.Counter()
         self._merged: str | None = None
         self._originals: dict[str, np.ndarray] = {}
+        self.version = 0  # bumped whenever the pool writes the model's variables (slots, kernels)
         self._unmerges = 0
 
     # -- host side -----------------------------------------------------------------------------------
@@ -524,6 +534,7 @@ class AdapterPool:
         return {k: getattr(heads, k)[...] for k in ("kernel", "bias", "count")}
 
     def _set_stacks(self, linear, serial=None, heads=None) -> None:
+        self.version += 1
         for sites, hook, values in ((self._linear, POOL_HOOK, linear), (self._serial, SERIAL_POOL_HOOK, serial)):
             for path, arrays in (values or {}).items():
                 stack = getattr(sites[path], hook)
@@ -625,6 +636,7 @@ class AdapterPool:
         return self._linear[path].kernel[...]
 
     def _set_kernels(self, kernels: dict[str, jax.Array]) -> None:
+        self.version += 1
         for path, value in kernels.items():
             self._linear[path].kernel.set_value(value)
 
@@ -634,8 +646,8 @@ class AdapterPool:
                 self._originals[path] = np.asarray(jax.device_get(self._kernel(path)))
 
     def _restore(self, sites: Sequence[str]) -> None:
-        self._set_kernels({path: jax.device_put(self._originals[path], self._kernel(path).sharding)
-                           for path in sites})
+        self._set_kernels(_write_back({path: self._kernel(path) for path in sites},
+                                      {path: self._originals[path] for path in sites}))
 
 
 def _selected(targets, path: str) -> bool:
