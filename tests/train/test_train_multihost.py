@@ -46,6 +46,8 @@ Job = list[tuple[subprocess.Popen, pathlib.Path]]  # the processes of one job an
 def start(out: pathlib.Path, processes: int, devices: int, flags: list[str]) -> Job:
     """Start `python -m train --out out *flags` as `processes` processes of `devices` CPU devices each."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    for name in (*train.distributed.PROCESS_COUNT_VARIABLES, train.distributed.TPU_HOSTS_VARIABLE):
+        env.pop(name, None)  # under a launcher (CI in a SLURM job, say) the jobs still run as the flags say
     port = free_port()
     started = []
     for index in range(processes):
