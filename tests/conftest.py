@@ -31,6 +31,20 @@ import pathlib
 import pytest
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep each `xdist_group` on one worker under `--dist loadgroup`: pytest-xdist 3.8 marks a group by
+    renaming `item._nodeid`, which pytest 9.2 no longer reads (a node id comes from `item._id`), so without
+    this the groups' tests spread over both workers and their module fixtures (a golden model, an engine
+    and its compiled programs) are built twice."""
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        renamed = getattr(item, "_nodeid", None)
+        if isinstance(renamed, str) and renamed != item.nodeid:
+            item._id = coerce_node_id(renamed)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "ignore:Error reading persistent compilation cache entry:UserWarning")
