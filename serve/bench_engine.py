@@ -50,7 +50,7 @@ def build(args):
     word-level tokenizer (prompts are token ids) and a CLIP image processor of the preset's image size."""
     if args.preset == TINY:
         return tiny_base(jnp.dtype(args.dtype))
-    model = random_model(args.preset, jnp.dtype(args.dtype), args.seed)
+    model = random_model(args.preset, jnp.dtype(args.dtype), args.seed, text_layers=args.text_layers)
     return model, tiny_processor(model.config.vision.image_size, model.config.vision.patch_size)
 
 
@@ -224,6 +224,8 @@ def add_live_args(p: argparse.ArgumentParser, *, duration: float = 6.0, adapters
     p.add_argument("--preset", "--model", dest="preset", default=TINY,
                    help="tiny (CPU default) or a model preset with random weights")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--text-layers", type=int, help="cut a random preset's language model to this many layers "
+                   "(same widths) to bound compile time")
     p.add_argument("--policies", nargs="+", default=sorted(POLICIES), choices=sorted(POLICIES))
     p.add_argument("--duration", type=float, default=duration, help="seconds of arrivals")
     p.add_argument("--adapters", type=int, default=adapters)

@@ -88,7 +88,8 @@ def test_default_steps_cover_every_benchmark_within_the_budget_with_flags_that_e
     assert not (tmp_path / "dry").exists()
     steps = re.findall(r"^\d+\. (\S+) \(timeout (\d+) s\): (.+)$", done.stdout, re.MULTILINE)
     assert [name for name, _, _ in steps] == [
-        "gpu-tests", "pallas-kernels-bench", "model-bench", "adapters-bench", "train-bench", "train-memory-bench"]
+        "gpu-tests", "pallas-kernels-bench", "model-bench", "adapters-bench", "train-bench", "train-memory-bench",
+        "engine-bench"]
     assert sum(int(seconds) for _, seconds, _ in steps) <= 480
     commands = {name: command for name, _, command in steps}
     assert commands["gpu-tests"].startswith("$PY -m pytest -m gpu tests/pallas_kernels")
