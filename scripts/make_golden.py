@@ -956,45 +956,24 @@ def build_legacy(out: pathlib.Path):
     return ldir, shard_files
 
 
+# PEFT LoRA adapters on llava_mha: (name, r, lora_alpha, target_modules, rank_pattern, seed of A and B).
+LLAVA_ADAPTERS = (
+    ("peft_lora", 4, 8, LORA_LM_TARGETS, None, 5),
+    ("peft_lora_vision", 2, 4, LORA_VISION_TARGETS, LORA_VISION_RANK_PATTERN, 6),
+    ("peft_lora_mlp", 8, 8, LORA_MLP_TARGETS, None, 7),
+)
+
+
 def build_adapters(out: pathlib.Path, mha_dir: pathlib.Path, inputs):
     from peft import LoraConfig
 
-    set_determinism(0)
-    lm = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=LORA_LM_TARGETS,
-        base_model_name_or_path="llava_mha",
-    )
-    arrays, meta = make_adapter(mha_dir, out / "peft_lora", lm, seed=5, inputs=inputs)
-    save_outputs(out / "peft_lora.outputs.safetensors", arrays, meta)
-
-    set_determinism(0)
-    vis = LoraConfig(
-        r=2,
-        lora_alpha=4,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=LORA_VISION_TARGETS,
-        rank_pattern=dict(LORA_VISION_RANK_PATTERN),
-        base_model_name_or_path="llava_mha",
-    )
-    arrays, meta = make_adapter(mha_dir, out / "peft_lora_vision", vis, seed=6, inputs=inputs)
-    save_outputs(out / "peft_lora_vision.outputs.safetensors", arrays, meta)
-
-    set_determinism(0)
-    mlp = LoraConfig(
-        r=8,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        bias="none",
-        target_modules=LORA_MLP_TARGETS,
-        base_model_name_or_path="llava_mha",
-    )
-    arrays, meta = make_adapter(mha_dir, out / "peft_lora_mlp", mlp, seed=7, inputs=inputs)
-    save_outputs(out / "peft_lora_mlp.outputs.safetensors", arrays, meta)
+    for name, rank, alpha, targets, rank_pattern, seed in LLAVA_ADAPTERS:
+        set_determinism(0)
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=targets,
+                            base_model_name_or_path="llava_mha",
+                            **({"rank_pattern": dict(rank_pattern)} if rank_pattern else {}))
+        arrays, meta = make_adapter(mha_dir, out / name, config, seed=seed, inputs=inputs)
+        save_outputs(out / f"{name}.outputs.safetensors", arrays, meta)
 
 
 def build_mixed(out: pathlib.Path, mha_dir: pathlib.Path) -> None:
