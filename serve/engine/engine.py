@@ -18,9 +18,10 @@ a request whose prompt plus `max_tokens` does not fit `max_model_len` is refused
 blocks would let short requests share memory with long ones; at the batch sizes this engine targets
 the static buffer keeps every program's shapes fixed and costs no gather in attention.
 
-Compiled programs: one decode program per mode shape (unmerged, merged / mixture), one prefill and one
-KV-insert program per prompt bucket (and image count); nothing recompiles when adapters, requests or
-modes change. Detokenisation and streaming never stall the device: a step's tokens are booked when they
+Compiled programs: one decode program per mode shape (the model as it is, for steps whose rows need no
+LoRA term: base rows while nothing is merged, the merged adapter's own rows in merged mode; unmerged;
+mixture), one prefill and one KV-insert program per prompt bucket (and image count); nothing recompiles
+when adapters, requests or modes change. Detokenisation and streaming never stall the device: a step's tokens are booked when they
 arrive (stop ids, max_tokens), and their text is decoded and streamed while the device runs the next
 decode step; a stop string is therefore seen one step late, and the token decoded past it is dropped.
 """
@@ -126,7 +127,8 @@ def _prefill(graphdef, state, ids, pixels, mask, cache, adapters, seed, temperat
     logits = model.logits(hidden[:, -1])
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(seed)
     token, logprob = sample_rows(logits, keys, temperature, top_k, top_p)
-    heads = None if adapters.heads is None else model.classify_slots(hidden[:, -1], adapters.heads)
+    heads = None if adapters is None or adapters.heads is None else model.classify_slots(hidden[:, -1],
+                                                                                          adapters.heads)
     return token, logprob, heads, cache
 
 
@@ -483,6 +485,16 @@ class Engine:
             out.append(sched)
         return out
 
+    def _select(self, names, active, tasks=None):
+        """The pool's selection for these rows, or None when no active row needs a LoRA term: the base rows
+        while nothing is merged, the merged adapter's own rows while it is (merged mode). The model then runs
+        as it is, with no per-row kernels."""
+        merged = self.pool.merged
+        live = [n for n, a in zip(names, active) if a]
+        if tasks is None and all(n == merged for n in live):
+            return None
+        return self.pool.select(names, tasks=tasks)
+
     def _graph(self):
         """The model split for the jitted steps, split again only after the pool has written its variables
         (a split walks every module: at 7B widths it costs as much as a decode step's host work)."""
@@ -493,7 +505,7 @@ class Engine:
     def _admit(self, work: _Work) -> None:
         request, sampling = work.request, work.request.sampling
         try:
-            batch = self.pool.select([request.adapter], tasks=[request.classify] if request.classify else None)
+            batch = self._select([request.adapter], [True], [request.classify] if request.classify else None)
         except (KeyError, ValueError, RuntimeError) as err:
             self._finish(work, "error", str(err))
             return
@@ -522,7 +534,7 @@ class Engine:
         rows = [w if w is not None and w in running else None for w in self._slots]
         active = np.asarray([w is not None for w in rows])
         params = lambda f, dtype: np.asarray([f(w) if w is not None else 0 for w in rows], dtype)
-        batch = self.pool.select([w.request.adapter if w is not None else None for w in rows])
+        batch = self._select([w.request.adapter if w is not None else None for w in rows], active)
         token, logprob, self.cache = self._decode(
             *self._graph(), jnp.asarray(self._tokens), self.cache, batch, active,
             params(lambda w: w.seed, np.uint32), params(lambda w: w.sched.generated, np.int32),
