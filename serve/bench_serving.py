@@ -135,8 +135,8 @@ def dominant_cost(profile: CostProfile, rows: list[dict]) -> str:
              f"and {merged_time / busy:.0%} in merged or mixture steps." if busy else
              f"valora ran no step at skew {HIGH_SKEW}."]
     lines.append(f"With an adapter merged, a prefill step costs {pre.per_merged_s * 1e3:.1f} ms and a decode step "
-                 f"{d.per_merged_s * 1e3:.2f} ms more than unmerged (this engine's merged and mixture program "
-                 f"computes the correction on every slot), while a row of the merged adapter saves "
+                 f"{d.per_merged_s * 1e3:.2f} ms more than unmerged (a mixture step computes the merged adapter's "
+                 f"correction on every slot), while a row of the merged adapter saves "
                  f"{d.per_lora_token_s * 1e3:.3f} ms of decode and a prompt token {pre.per_lora_token_s * 1e3:.3f} ms "
                  f"of prefill.")
     if d.per_lora_token_s > 0:
