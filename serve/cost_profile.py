@@ -18,9 +18,9 @@ Prefill and decode are each a linear function of the step's features (`StepFeatu
   summed over rows); 0 for prefill.
 - images: images encoded (prefill only).
 - merged: 1 when an adapter is folded into the weights during the step (merged or mixture mode),
-  else 0: what an engine's merged / mixture program costs beyond its unmerged one whatever its rows
-  (this project's engine runs one program of fixed shape for both modes, computing the mixture
-  correction on every slot, so on it merged mode is not free of LoRA work).
+  else 0: what an engine's merged / mixture programs cost beyond its unmerged one whatever their rows
+  (this project's engine computes the mixture correction on every slot of a mixture step; a
+  merged-mode step, all of whose rows are the merged adapter's, runs the model alone).
 
 Switches: `merge_s` and `unmerge_s` per weight change (`serve.batching.switch_ops`).
 
