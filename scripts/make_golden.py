@@ -321,6 +321,17 @@ def greedy(model, input_ids, attention_mask, pixel_values) -> tuple[torch.Tensor
     return new, margin
 
 
+def check_reference(logits, gen, single_logits, single_gen, mask, real0) -> None:
+    """Row 0 alone (no padding) gives the batch's row-0 logits and generation; generations are not a constant
+    token; logits are far from uniform."""
+    d = (single_logits[0] - logits[0, real0]).abs().max().item()
+    assert d < 1e-4, f"padded vs unpadded logits differ by {d}"
+    assert torch.equal(single_gen, gen[:1]), (single_gen, gen[:1])
+    for row in gen:
+        assert len(set(row.tolist())) > 2, f"greedy generation too repetitive: {row.tolist()}"
+    assert float(logits[mask.bool()].std()) > 0.5, "logits too close to uniform"
+
+
 def reference_outputs(model, processor_or_none, prompts, images, inputs) -> tuple[dict[str, np.ndarray], dict]:
     ids, mask, pv = inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]
     pos = mask_position_ids(mask)
@@ -341,14 +352,7 @@ def reference_outputs(model, processor_or_none, prompts, images, inputs) -> tupl
     s_logits = forward_logits(model, s_ids, s_mask, s_pv)
     s_gen, s_margin = greedy(model, s_ids, s_mask, s_pv)
 
-    # consistency: left padding + mask positions must not change row 0's real-token logits / generation
-    d = (s_logits[0] - logits[0, real0]).abs().max().item()
-    assert d < 1e-4, f"padded vs unpadded logits differ by {d}"
-    assert torch.equal(s_gen, gen[:1]), (s_gen, gen[:1])
-    # generation must not be a constant token
-    for row in gen:
-        assert len(set(row.tolist())) > 2, f"greedy generation too repetitive: {row.tolist()}"
-    assert float(logits[mask.bool()].std()) > 0.5, "logits too close to uniform"
+    check_reference(logits, gen, s_logits, s_gen, mask, real0)
 
     arrays = {
         "images": images,
@@ -749,12 +753,7 @@ def qwen_reference(model, inputs) -> tuple[dict[str, np.ndarray], dict]:
     with torch.no_grad():
         s_logits = model(**single).logits.float()
     s_gen, s_margin = qwen_greedy(model, single)
-    d = (s_logits[0] - logits[0, real0]).abs().max().item()
-    assert d < 1e-4, f"padded vs unpadded logits differ by {d}"
-    assert torch.equal(s_gen, gen[:1]), (s_gen, gen[:1])
-    for row in gen:
-        assert len(set(row.tolist())) > 2, f"greedy generation too repetitive: {row.tolist()}"
-    assert float(logits[mask.bool()].std()) > 0.5, "logits too close to uniform"
+    check_reference(logits, gen, s_logits, s_gen, mask, real0)
     assert min(margin, s_margin) > MIN_GREEDY_MARGIN, f"greedy margin too small: {min(margin, s_margin)}"
     as_np = lambda t, dt: t.numpy().astype(dt)  # noqa: E731
     arrays = {
