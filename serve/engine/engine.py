@@ -55,7 +55,7 @@ from serve.engine.requests import (
     now,
 )
 from serve.policy import make_policy
-from valora_jax import load_pretrained
+from valora_jax import chat, load_pretrained
 from valora_jax.adapters.pool import AdapterPool
 from valora_jax.generation import bucket_length, left_pad, sample_rows
 from valora_jax.kv_cache import KVCache
@@ -63,18 +63,6 @@ from valora_jax.models.tiny import TINY, tiny_base
 from valora_jax.sharding import shard_model
 
 log = logging.getLogger(__name__)
-
-# LLaVA-1.5's conversation format, for processors that ship no chat template (the tiny one).
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 
 class EngineOverloaded(RequestError):
     """The waiting queue is full: try again after `retry_after` seconds (HTTP 429)."""
@@ -177,7 +165,7 @@ class Engine:
         self.num_slots, self.max_waiting, self.min_bucket = max_num_seqs, max_waiting, min_bucket
         self.max_len = max_model_len or self.config.text.max_position_embeddings
         self.served_model_name = served_model_name
-        self.chat_template = chat_template or getattr(processor, "chat_template", None) or LLAVA_CHAT_TEMPLATE
+        self.chat_template = chat.chat_template(model, processor, chat_template)
         self.limits = batching.Limits(max_batch=max_num_seqs)
         dtype = model.language_model.embed_tokens.embedding.dtype
         self.cache = KVCache.init(self.config.text, max_num_seqs, self.max_len, dtype)
@@ -317,8 +305,7 @@ class Engine:
             text = request.prompt
             if request.messages is not None:
                 try:
-                    text = self.tokenizer.apply_chat_template(list(request.messages), chat_template=self.chat_template,
-                                                              add_generation_prompt=True, tokenize=False)
+                    text = chat.render(self.tokenizer, request.messages, self.chat_template)
                 except Exception as err:  # a template error is the request's messages' fault
                     raise RequestError(f"messages do not render with the chat template: {err}") from err
             if not text or not text.strip():
@@ -623,4 +610,4 @@ def _open_image(image):
         raise RequestError(f"the image does not decode: {err}") from err
 
 
-__all__ = ["Engine", "EngineDead", "EngineOverloaded", "EngineStats", "LLAVA_CHAT_TEMPLATE"]
+__all__ = ["Engine", "EngineDead", "EngineOverloaded", "EngineStats"]

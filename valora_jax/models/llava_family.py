@@ -10,6 +10,17 @@ from valora_jax.config import PRESETS, LlavaConfig, config_from_hf
 from valora_jax.models.llava import LlavaForConditionalGeneration
 from valora_jax.models.registry import CheckpointNames, Family, auto_processor
 
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), for processors that ship no chat template.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
 NAMES = CheckpointNames(
     prefixes=(
         (r"^model\.vision_tower\.vision_model\.", "vision_tower."),
@@ -46,4 +57,5 @@ LLAVA = Family(
         ("language_model.", "model.language_model."),
         ("lm_head", "lm_head"),
     ),
+    chat_template=CHAT_TEMPLATE,
 )

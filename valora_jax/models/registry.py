@@ -9,7 +9,8 @@ What generation, adapters and benchmarks use of a model, whatever its family:
 - optionally `generation_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)`
   -> (pixel_values, position_ids): host-side preparation of a prompt batch (Qwen-VL: vision metadata and
   M-RoPE positions), which `Generator` calls before every prefill;
-- adaptable projections are `valora_jax.layers.Linear`, attention blocks carry a `qkv_input_adapter` hook.
+- adaptable projections are `valora_jax.layers.Linear`, attention blocks carry a `qkv_input_adapter` hook;
+- `POOL_TOWERS`: the top-level modules whose projections take the adapter pool's per-row selection.
 
 A family's checkpoint rules turn a tensor name of any layout in circulation into the model's parameter
 path in two steps: `prefixes` (layout prefix -> canonical prefix, first match wins), then `renames`
@@ -72,6 +73,7 @@ class Family:
     presets: Mapping[str, Callable[[], Any]]
     load_processor: Callable[[Any], Any]  # model dir -> the processor its files describe
     hf_modules: tuple[tuple[str, str], ...]  # our path prefix -> transformers 5's live module prefix (PEFT names)
+    chat_template: str  # the conversation format of a checkpoint whose processor ships none (valora_jax.chat)
 
 
 def auto_processor(model_dir) -> Any:

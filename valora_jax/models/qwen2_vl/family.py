@@ -11,6 +11,18 @@ from valora_jax.models.qwen2_vl.model import Qwen2VLForConditionalGeneration
 from valora_jax.models.qwen2_vl.processor import load_processor
 from valora_jax.models.registry import CheckpointNames, Family
 
+# Qwen-VL's ChatML conversation format (a system turn first, each image as <|vision_start|><|image_pad|>
+# <|vision_end|>), for checkpoints whose processor ships no chat template.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 NAMES = CheckpointNames(
     prefixes=(
         (r"^model\.visual\.", "visual."),
@@ -36,6 +48,7 @@ def _family(version: str, architecture: str) -> Family:
         presets={name: make for name, make in PRESETS.items() if make().version == version},
         load_processor=load_processor,
         hf_modules=(("visual.", "model.visual."), ("language_model.", "model.language_model."), ("lm_head", "lm_head")),
+        chat_template=CHAT_TEMPLATE,
     )
 
 
