@@ -101,6 +101,19 @@ def prefill(graphdef, state, input_ids, pixel_values, attention_mask, cache: KVC
     return model.logits(hidden[:, -1]), cache
 
 
+def prompt_inputs(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
+    """(pixel inputs, position_ids) that `model.hidden_states` takes for a left-padded prompt batch: the family's
+    host-side preparation (`generation_inputs`: Qwen-VL's vision metadata and M-RoPE positions) when it has
+    one, else the pixel values as they are and positions None (counted from the mask). A ValueError names
+    what does not fit (image tokens against images, inputs the family does not take)."""
+    generation_inputs = getattr(model, "generation_inputs", None)
+    if generation_inputs is not None:
+        return generation_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
+    if image_grid_thw is not None or mm_token_type_ids is not None:
+        raise ValueError(f"{type(model.config).__name__} takes no image_grid_thw / mm_token_type_ids")
+    return None if pixel_values is None else jnp.asarray(pixel_values), None
+
+
 def decode_step(graphdef, state, tokens: jax.Array, cache: KVCache, adapters=None):
     """One token per row: logits (batch, vocab) for the next position, and the cache."""
     model = nnx.merge(graphdef, state)
@@ -140,9 +153,6 @@ class Generator:
     def __init__(self, model: nnx.Module, *, max_len: int, cache_dtype=None, min_bucket: int = 16):
         self.model = model
         self.config = model.config
-        # A family whose prompts need host-side inputs (Qwen-VL: vision metadata, M-RoPE positions) provides
-        # `generation_inputs(ids, mask, pixel_values, image_grid_thw, mm_token_type_ids) -> (pixels, positions)`.
-        self.generation_inputs = getattr(model, "generation_inputs", None)
         self.max_len = max_len
         self.min_bucket = min_bucket
         self.cache_dtype = cache_dtype or model.language_model.embed_tokens.embedding.dtype
@@ -172,12 +182,7 @@ class Generator:
                              f"length {self.max_len}; build the Generator with a larger max_len")
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         ids, mask = left_pad(input_ids, attention_mask, bucket, pad_id)
-        if self.generation_inputs is not None:
-            pixels, positions = self.generation_inputs(ids, mask, pixel_values, image_grid_thw, mm_token_type_ids)
-        elif image_grid_thw is not None or mm_token_type_ids is not None:
-            raise ValueError(f"{type(self.config).__name__} takes no image_grid_thw / mm_token_type_ids")
-        else:
-            pixels, positions = None if pixel_values is None else jnp.asarray(pixel_values), None
+        pixels, positions = prompt_inputs(self.model, ids, mask, pixel_values, image_grid_thw, mm_token_type_ids)
         graphdef, state = nnx.split(self.model)
         logits, cache = self.prefill(graphdef, state, ids, pixels, mask, self.new_cache(ids.shape[0]), adapters,
                                      positions)

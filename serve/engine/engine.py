@@ -18,10 +18,16 @@ a request whose prompt plus `max_tokens` does not fit `max_model_len` is refused
 blocks would let short requests share memory with long ones; at the batch sizes this engine targets
 the static buffer keeps every program's shapes fixed and costs no gather in attention.
 
+Any family of the model registry: a prompt's host-side inputs are prepared at submission, on the caller's
+thread, by `valora_jax.generation.prompt_inputs` (the family's `generation_inputs` hook where it has one:
+Qwen-VL's vision metadata, patches padded to a power-of-two bucket, and M-RoPE positions; the prefill
+leaves each slot's next position in the cache, and decode steps continue from it).
+
 Compiled programs: one decode program per mode shape (the model as it is, for steps whose rows need no
 LoRA term: base rows while nothing is merged, the merged adapter's own rows in merged mode; unmerged;
-mixture), one prefill and one KV-insert program per prompt bucket (and image count); nothing recompiles
-when adapters, requests or modes change. Detokenisation and streaming never stall the device: a step's tokens are booked when they
+mixture), one prefill program per prompt bucket and image shape (LLaVA: image count; Qwen-VL: patch
+bucket), one KV-insert program per prompt bucket; nothing recompiles when adapters, requests or modes
+change. Detokenisation and streaming never stall the device: a step's tokens are booked when they
 arrive (stop ids, max_tokens), and their text is decoded and streamed while the device runs the next
 decode step; a stop string is therefore seen one step late, and the token decoded past it is dropped.
 """
@@ -57,7 +63,7 @@ from serve.engine.requests import (
 from serve.policy import make_policy
 from valora_jax import chat, load_pretrained
 from valora_jax.adapters.pool import AdapterPool
-from valora_jax.generation import bucket_length, left_pad, sample_rows
+from valora_jax.generation import bucket_length, left_pad, prompt_inputs, sample_rows
 from valora_jax.kv_cache import KVCache
 from valora_jax.models.tiny import TINY, tiny_base
 from valora_jax.sharding import shard_model
@@ -93,6 +99,21 @@ class EngineStats:
     healthy: bool
 
 
+# What an image processor returns that `prompt_inputs` takes, with its dtype.
+IMAGE_INPUTS = {"pixel_values": np.float32, "image_grid_thw": np.int64}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prompt:
+    """A request's prefill inputs, prepared on the host: its token ids left-padded to their bucket (1, bucket),
+    their mask, the pixel inputs and positions `model.hidden_states` takes (`prompt_inputs`)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    pixels: object
+    positions: np.ndarray | None
+
+
 @dataclasses.dataclass(eq=False)
 class _Work:
     """A validated request with its tokenised inputs and bookkeeping, waiting or in a slot."""
@@ -100,8 +121,7 @@ class _Work:
     request: GenerationRequest
     handle: RequestHandle
     sched: batching.Request
-    input_ids: np.ndarray
-    pixel_values: np.ndarray | None
+    prompt: _Prompt
     stop_ids: frozenset[int]
     result: Result
     slot: int = -1
@@ -109,9 +129,9 @@ class _Work:
     text: str = ""
 
 
-def _prefill(graphdef, state, ids, pixels, mask, cache, adapters, seed, temperature, top_k, top_p):
+def _prefill(graphdef, state, ids, pixels, mask, positions, cache, adapters, seed, temperature, top_k, top_p):
     model = nnx.merge(graphdef, state)
-    hidden, cache = model.hidden_states(ids, pixels, mask, cache=cache, adapters=adapters)
+    hidden, cache = model.hidden_states(ids, pixels, mask, position_ids=positions, cache=cache, adapters=adapters)
     logits = model.logits(hidden[:, -1])
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(seed)
     token, logprob = sample_rows(logits, keys, temperature, top_k, top_p)
@@ -196,7 +216,8 @@ class Engine:
                         max_loras: int = 8, max_lora_rank: int = 64, max_cpu_loras: int | None = None,
                         dtype: str = "float32",
                         backend: str = "auto", served_model_name: str | None = None, mesh=None, **kwargs) -> Engine:
-        """An engine for `model` ("tiny" or a local HF LLaVA directory) with `lora_modules` (name -> adapter
+        """An engine for `model` ("tiny" or a local HF directory of a registry family: LLaVA, Qwen2-VL,
+        Qwen2.5-VL) with `lora_modules` (name -> adapter
         directory) loaded into an `AdapterPool` of `max_loras` device slots of rank `max_lora_rank`, at most
         `max_cpu_loras` of them with their weights in host memory (default: all)."""
         if model == TINY:
@@ -277,21 +298,23 @@ class Engine:
             if request.classify not in tasks:
                 raise RequestError(f"adapter {request.adapter!r} has no classify head for task "
                                    f"{request.classify!r}; it has {tasks}", status=404)
-        ids, pixels = self._encode(request)
+        ids, vision, n_images = self._encode(request)
         max_tokens = 1 if request.classify else request.sampling.max_tokens
         if len(ids) + max_tokens > self.max_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} that exceeds "
                                f"the model's context length {self.max_len}")
-        images = 0 if pixels is None else len(pixels)
-        sched = batching.Request(rid, request.adapter, arrival, len(ids), max_tokens, images)
+        prompt = self._prompt(ids, vision, max_tokens)
+        sched = batching.Request(rid, request.adapter, arrival, len(ids), max_tokens, n_images)
         eos = self.config.eos_token_id
         stop = frozenset(request.sampling.stop_token_ids) | (
             frozenset() if eos is None or request.sampling.ignore_eos else {eos})
         seed = request.sampling.seed if request.sampling.seed is not None else np.random.randint(2**31)
-        return _Work(request, RequestHandle(rid), sched, np.asarray(ids, np.int32), pixels, stop,
+        return _Work(request, RequestHandle(rid), sched, prompt, stop,
                      Result(id=rid, finish_reason="length", prompt_tokens=len(ids), arrival=arrival), seed=seed)
 
-    def _encode(self, request: GenerationRequest) -> tuple[list[int], np.ndarray | None]:
+    def _encode(self, request: GenerationRequest) -> tuple[list[int], dict[str, np.ndarray], int]:
+        """The prompt's token ids, its images' processor outputs (`IMAGE_INPUTS`, none without images) and
+        the image count."""
         given = [x is not None for x in (request.prompt, request.prompt_ids, request.messages)]
         if sum(given) != 1:
             raise RequestError("give exactly one of prompt, prompt_ids and messages")
@@ -300,7 +323,7 @@ class Engine:
             ids = [int(t) for t in request.prompt_ids]
             if any(not 0 <= t < self.config.text.vocab_size for t in ids):
                 raise RequestError(f"prompt_ids must lie in [0, {self.config.text.vocab_size})")
-            pixels = self._pixels(images) if images else None
+            out = self.processor.image_processor(images=images, return_tensors="np") if images else {}
         else:
             text = request.prompt
             if request.messages is not None:
@@ -312,22 +335,33 @@ class Engine:
                 raise RequestError("the prompt is empty")
             try:
                 out = self.processor(text=[text], images=images or None, return_tensors="np")
-            except ValueError as err:  # e.g. <image> placeholders and images do not match
+            except ValueError as err:  # e.g. image placeholders and images do not match
                 raise RequestError(str(err)) from err
             ids = [int(t) for t in out["input_ids"][0]]
-            pixels = out.get("pixel_values") if images else None
-        n_image_tokens = sum(t == self.config.image_token_id for t in ids)
-        expected = (0 if pixels is None else len(pixels)) * self.config.image_seq_length
-        if n_image_tokens != expected:
-            raise RequestError(f"the prompt has {n_image_tokens} image tokens but {len(images)} image(s) need "
-                               f"{expected}: put one <image> placeholder per image")
+        vision = {key: np.asarray(out[key], dtype) for key, dtype in IMAGE_INPUTS.items() if images and key in out}
+        if not hasattr(self.model, "generation_inputs"):  # Qwen-VL's hook checks its own image tokens
+            n_image_tokens = sum(t == self.config.image_token_id for t in ids)
+            expected = len(images) * self.config.image_seq_length
+            if n_image_tokens != expected:
+                raise RequestError(f"the prompt has {n_image_tokens} image tokens but {len(images)} image(s) need "
+                                   f"{expected}: put one <image> placeholder per image")
         if not ids:
             raise RequestError("the prompt is empty")
-        return ids, None if pixels is None else np.asarray(pixels, np.float32)
+        return ids, vision, len(images)
 
-    def _pixels(self, images) -> np.ndarray:
-        return np.asarray(self.processor.image_processor(images=images, return_tensors="np")["pixel_values"],
-                          np.float32)
+    def _prompt(self, ids: list[int], vision: Mapping[str, np.ndarray], max_tokens: int) -> _Prompt:
+        """The prefill inputs of a prompt: its ids left-padded to their bucket, and the pixel inputs and
+        positions `prompt_inputs` prepares from them; its ValueError (image tokens that do not match the
+        images) is the request's 400."""
+        bucket = min(bucket_length(len(ids), self.min_bucket), self.max_len - max_tokens)
+        padded, mask = left_pad(np.asarray([ids], np.int32), np.ones((1, len(ids)), bool), bucket,
+                                self.config.pad_token_id or 0)
+        try:
+            pixels, positions = prompt_inputs(self.model, padded, mask, vision.get("pixel_values"),
+                                              vision.get("image_grid_thw"))
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        return _Prompt(padded, mask, pixels, positions)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -500,12 +534,11 @@ class Engine:
         work.slot, work.result.started = slot, now()
         self.pool.hold([request.adapter])
         self._slots[slot] = work
-        n = len(work.input_ids)
-        bucket = min(bucket_length(n, self.min_bucket), self.max_len - work.sched.max_new_tokens)
-        ids, mask = left_pad(work.input_ids[None], np.ones((1, n), bool), bucket, self.config.pad_token_id or 0)
-        prompt_cache = KVCache.init(self.config.text, 1, bucket, self.cache_dtype)
+        prompt = work.prompt
+        prompt_cache = KVCache.init(self.config.text, 1, prompt.ids.shape[1], self.cache_dtype)
         token, logprob, heads, prompt_cache = self._prefill(
-            *self._graph(), ids, work.pixel_values, mask, prompt_cache, batch, np.asarray([work.seed], np.uint32),
+            *self._graph(), prompt.ids, prompt.pixels, prompt.mask, prompt.positions, prompt_cache, batch,
+            np.asarray([work.seed], np.uint32),
             np.asarray([sampling.temperature], np.float32), np.asarray([sampling.top_k], np.int32),
             np.asarray([sampling.top_p], np.float32))
         if heads is not None:

@@ -4,21 +4,20 @@ Reference: each request generated alone (batch 1) by `Generator` on the base mod
 attached (`load_adapter`), greedy, float32. The engine runs 24 requests for 4 adapters (three PEFT
 LoRAs, one Serial LoRA) and the base model, with prompts of different lengths, different output
 lengths, and arrivals spread over the run (the test drives `engine.step()` itself, so the arrival
-pattern is the same for every policy).
+pattern is the same for every policy). Qwen-VL's engine test: test_engine_qwen.py.
 """
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from serve.engine import GenerationRequest, RequestError, SamplingParams
 from serve.engine.engine import Engine
 from serve.policy import POLICIES, make_policy
-from valora_jax.adapters import AdapterConfig, AdapterParam, attach, load_adapter, save_adapter
-from valora_jax.generation import Generator
-from valora_jax.loading import load_pretrained
+from tests.serve.engine_runs import Alone, assert_as_alone, save_random_adapter
+from tests.serve.engine_runs import run as run_work
+from valora_jax.adapters import AdapterConfig
 
 pytestmark = pytest.mark.xdist_group("engine_llava_mha")  # one worker builds the engine and the references
 
@@ -31,14 +30,9 @@ MAX_LEN = 64
 def adapters(golden_dir, tmp_path_factory):
     """name -> directory: the three golden PEFT LoRAs and a Serial LoRA saved by `save_adapter`."""
     out = {name: golden_dir / name for name in PEFT}
-    model, _ = load_pretrained(golden_dir / "llava_mha")
-    attach(model, AdapterConfig(kind="serial_lora", rank=4, alpha=8,
-                                towers=("language_model", "vision_tower")), nnx.Rngs(0))
-    rng = np.random.default_rng(3)
-    for _, var in sorted(nnx.to_flat_state(nnx.state(model, AdapterParam)), key=lambda kv: str(kv[0])):
-        var.set_value(0.3 * rng.standard_normal(var.shape).astype(np.float32))
-    out["serial"] = tmp_path_factory.mktemp("serial") / "serial"
-    save_adapter(model, out["serial"])
+    serial = AdapterConfig(kind="serial_lora", rank=4, alpha=8, towers=("language_model", "vision_tower"))
+    out["serial"] = save_random_adapter(golden_dir / "llava_mha", serial, tmp_path_factory.mktemp("serial") / "serial",
+                                        seed=3)
     return out
 
 
@@ -63,27 +57,10 @@ def request(name, prompt, image, max_tokens):
 
 @pytest.fixture(scope="module")
 def expected(golden_dir, adapters):
-    """Each request alone with its adapter attached: the tokens up to (not including) EOS.
-
-    Greedy tokens are a prefix of a longer greedy run, so one length (the workload's longest) serves all
-    and each Generator compiles its decode loop once."""
-    longest = max(w[4] for w in workload())
-    out = []
-    models = {}
-    for _, name, prompt, image, max_tokens in workload():
-        if name not in models:
-            model, processor = load_pretrained(golden_dir / "llava_mha")
-            if name is not None:
-                load_adapter(model, adapters[name])
-            models[name] = (Generator(model, max_len=MAX_LEN), processor)
-        generator, processor = models[name]
-        inputs = processor(text=[prompt], images=None if image is None else [Image.fromarray(image)],
-                           return_tensors="np")
-        tokens = generator.generate(inputs["input_ids"], inputs.get("pixel_values"), max_new_tokens=longest)[0]
-        tokens = tokens[:max_tokens]
-        eos = generator.config.eos_token_id
-        out.append(tokens[: list(tokens).index(eos)].tolist() if eos in tokens else tokens.tolist())
-    return out
+    """Each request alone with its adapter attached: the tokens up to (not including) EOS."""
+    alone = Alone(golden_dir / "llava_mha", adapters, max_len=MAX_LEN, longest=max(w[4] for w in workload()))
+    return [alone.tokens(name, prompt, [] if image is None else [Image.fromarray(image)], max_tokens)
+            for _, name, prompt, image, max_tokens in workload()]
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +70,7 @@ def engine(golden_dir, adapters):
 
 
 def run(engine, work):
-    """Submit `work` at its arrival steps and step until every request has finished; the results in order."""
-    handles, step = [], 0
-    while len(handles) < len(work) or not all(h.done for h in handles):
-        handles += [engine.submit(request(*w[1:])) for w in work[len(handles):] if w[0] <= step]
-        engine.step()
-        step += 1
-        assert step < 500, "the engine makes no progress"
-    return [h.result(0) for h in handles]
+    return run_work(engine, work, request)
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -108,10 +78,7 @@ def test_outputs_do_not_depend_on_batching_or_policy(engine, expected, policy):
     engine.policy = make_policy(policy)
     before = engine.switches
     results = run(engine, workload())
-    for i, (result, want) in enumerate(zip(results, expected)):
-        assert result.finish_reason in ("stop", "length") and result.error is None, (i, result)
-        assert result.token_ids == want, (i, policy, workload()[i][1])
-        assert result.finish_reason == ("stop" if len(want) < workload()[i][4] else "length")
+    assert_as_alone(results, expected, [w[4] for w in workload()], policy)
     if policy != "unmerged":
         assert engine.switches > before, f"{policy} never switched on a workload skewed to one adapter"
     engine.pool.unmerge()
