@@ -51,8 +51,8 @@ def parse_lora_modules(values: Sequence[str]) -> dict[str, str]:
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The engine's flags, with vLLM's names (shared by `python -m serve`)."""
-    p.add_argument("--model", default="tiny", help="'tiny' (the embedded tiny LLaVA) or a local HF directory: LLaVA, Qwen2-VL or "
-                   "Qwen2.5-VL")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (the embedded tiny LLaVA) or a local HF directory: LLaVA, Qwen2-VL or Qwen2.5-VL")
     p.add_argument("--served-model-name", help="the base model's name in requests (default: the model's name)")
     p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=DIR",
                    help="adapters to serve: NAME=DIR or a JSON object {\"name\", \"path\"} each")

@@ -104,14 +104,17 @@ def prefill(graphdef, state, input_ids, pixel_values, attention_mask, cache: KVC
 def prompt_inputs(model, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None):
     """(pixel inputs, position_ids) that `model.hidden_states` takes for a left-padded prompt batch: the family's
     host-side preparation (`generation_inputs`: Qwen-VL's vision metadata and M-RoPE positions) when it has
-    one, else the pixel values as they are and positions None (counted from the mask). A ValueError names
-    what does not fit (image tokens against images, inputs the family does not take)."""
+    one, else the pixel values as an array, left where they are (host or device), and positions None
+    (counted from the mask). A ValueError names what does not fit (image tokens against images, inputs the
+    family does not take)."""
     generation_inputs = getattr(model, "generation_inputs", None)
     if generation_inputs is not None:
         return generation_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids)
     if image_grid_thw is not None or mm_token_type_ids is not None:
         raise ValueError(f"{type(model.config).__name__} takes no image_grid_thw / mm_token_type_ids")
-    return None if pixel_values is None else jnp.asarray(pixel_values), None
+    if pixel_values is not None and not isinstance(pixel_values, jax.Array):
+        pixel_values = np.asarray(pixel_values)
+    return pixel_values, None
 
 
 def decode_step(graphdef, state, tokens: jax.Array, cache: KVCache, adapters=None):

@@ -178,6 +178,11 @@ class Engine:
         if processor is None:
             raise ValueError("the engine needs the model's processor (tokenizer and image processor)")
         self.model, self.processor, self.pool, self.mesh = model, processor, pool, mesh
+        # Every array of the model's state committed to where it lies: the pool's writes (placements, merges)
+        # return committed arrays and jit keys its programs on commitment, so a state that starts uncommitted
+        # (the pool's empty slots) would compile every program again after the first write.
+        nnx.update(model, jax.tree.map(lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x,
+                                       nnx.state(model)))
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.config = model.config
         self.policy_name = policy
@@ -217,9 +222,9 @@ class Engine:
                         dtype: str = "float32",
                         backend: str = "auto", served_model_name: str | None = None, mesh=None, **kwargs) -> Engine:
         """An engine for `model` ("tiny" or a local HF directory of a registry family: LLaVA, Qwen2-VL,
-        Qwen2.5-VL) with `lora_modules` (name -> adapter
-        directory) loaded into an `AdapterPool` of `max_loras` device slots of rank `max_lora_rank`, at most
-        `max_cpu_loras` of them with their weights in host memory (default: all)."""
+        Qwen2.5-VL) with `lora_modules` (name -> adapter directory) loaded into an `AdapterPool` of `max_loras`
+        device slots of rank `max_lora_rank`, at most `max_cpu_loras` of them with their weights in host
+        memory (default: all)."""
         if model == TINY:
             base, processor = tiny_base(jnp.dtype(dtype))
         else:
@@ -339,7 +344,9 @@ class Engine:
                 raise RequestError(str(err)) from err
             ids = [int(t) for t in out["input_ids"][0]]
         vision = {key: np.asarray(out[key], dtype) for key, dtype in IMAGE_INPUTS.items() if images and key in out}
-        if not hasattr(self.model, "generation_inputs"):  # Qwen-VL's hook checks its own image tokens
+        # A family with host-side preparation (`generation_inputs`) checks its image tokens there (`_prompt`);
+        # without it (LLaVA), each image fills `image_seq_length` image tokens.
+        if not hasattr(self.model, "generation_inputs"):
             n_image_tokens = sum(t == self.config.image_token_id for t in ids)
             expected = len(images) * self.config.image_seq_length
             if n_image_tokens != expected:
