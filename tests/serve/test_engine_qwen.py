@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from serve.batch import main as batch_main
@@ -20,8 +21,9 @@ from serve.engine import GenerationRequest, RequestError, SamplingParams
 from serve.engine.engine import Engine
 from serve.policy import POLICIES, make_policy
 from tests.serve.engine_runs import Alone, assert_as_alone, run, save_random_adapter
-from valora_jax import chat
+from valora_jax import chat, load_pretrained
 from valora_jax.adapters import AdapterConfig
+from valora_jax.adapters.heads import ClassifyHeads, load_heads
 
 pytestmark = pytest.mark.xdist_group("engine_qwen")  # one worker builds the engine and the references
 
@@ -33,6 +35,7 @@ ADAPTERS = {
     "lora_b": AdapterConfig(kind="lora", rank=2, alpha=4, towers=DECODER, targets=("o_proj", "up_proj", "down_proj")),
     "serial": AdapterConfig(kind="serial_lora", rank=2, alpha=2, towers=DECODER, targets=("self_attn",)),
 }
+HEAD = {"colour": ("red", "green", "blue", "yellow")}
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 # (arrival step, adapter, prompt kind, text, image sizes (height, width), max_tokens); lora_a has 6 of 10.
 # 16x16 and 24x16 pixels are 16 and 24 patches (patch bucket 64), 48x40 is 120 (bucket 128).
@@ -93,9 +96,14 @@ def qwen_dir(golden_dir):
 
 @pytest.fixture(scope="module")
 def adapters(qwen_dir, tmp_path_factory):
+    """name -> directory of `ADAPTERS`, random; lora_a also has a classify head (`HEAD`, random)."""
     root = tmp_path_factory.mktemp("qwen_adapters")
-    return {name: save_random_adapter(qwen_dir, config, root / name, seed=seed)
-            for seed, (name, config) in enumerate(ADAPTERS.items())}
+    out = {name: save_random_adapter(qwen_dir, config, root / name, seed=seed)
+           for seed, (name, config) in enumerate(ADAPTERS.items())}
+    heads = ClassifyHeads(load_pretrained(qwen_dir)[0].config.text.hidden_size, HEAD, rngs=nnx.Rngs(0))
+    heads.kernel.set_value(np.random.default_rng(0).standard_normal(heads.kernel.shape).astype(np.float32))
+    heads.save(out["lora_a"])
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +113,12 @@ def engine(qwen_dir, adapters):
 
 
 @pytest.fixture(scope="module")
-def expected(qwen_dir, adapters, engine):
-    alone = Alone(qwen_dir, adapters, max_len=REF_LEN, longest=max(w[5] for w in WORKLOAD))
+def alone(qwen_dir, adapters):
+    return Alone(qwen_dir, adapters, max_len=REF_LEN, longest=max(w[5] for w in WORKLOAD))
+
+
+@pytest.fixture(scope="module")
+def expected(alone, engine):
     return [alone.tokens(adapter, prompt_text(engine, kind, text, len(sizes)), images_of(sizes, seed), max_tokens)
             for _, adapter, kind, text, sizes, max_tokens, seed in work()]
 
@@ -180,6 +192,40 @@ def test_image_tokens_that_do_not_match_the_images_are_refused(engine, expected)
         assert err.value.status == 400
     results = run(engine, work()[:4], make_request(engine))
     assert [r.token_ids for r in results] == expected[:4]
+
+
+# Classify prompts: one prompt bucket (16 tokens) and one patch bucket, images of two sizes; the last tokens
+# differ (a tiny random model's last hidden state depends mostly on its token).
+CLASSIFY = [("what colour is the circle", [(16, 16)]), ("where is the red square", [(8, 32)]),
+            ("how many shapes are there", [(16, 16)]), ("find the blue star", [(8, 32)])]
+
+
+@nnx.jit
+def last_hidden(model, ids, vision, mask, positions):
+    return model.hidden_states(ids, vision, mask, positions)[0][:, -1]
+
+
+def test_classify_answers_from_the_head_over_the_prompt_alone(engine, adapters, alone):
+    """A classify request's label is its head's argmax over the last hidden state of its prompt alone (images
+    and M-RoPE positions included) with its adapter attached."""
+    engine.policy = make_policy("unmerged")
+    model = alone.generator("lora_a")[0].model
+    heads = load_heads(adapters["lora_a"])
+    want, handles = [], []
+    for seed, (text, sizes) in enumerate(CLASSIFY):
+        prompt, images = f"user : {VISION} {text}", images_of(sizes, seed)
+        inputs = engine.processor(text=[prompt], images=images, return_tensors="np")
+        vision, positions = model.generation_inputs(inputs["input_ids"], inputs["attention_mask"],
+                                                    inputs["pixel_values"], inputs["image_grid_thw"])
+        hidden = last_hidden(model, inputs["input_ids"], vision, inputs["attention_mask"], positions)
+        scores = np.asarray(heads(hidden, np.zeros(1, np.int32)))[0, :len(HEAD["colour"])]
+        want.append(HEAD["colour"][int(np.argmax(scores))])
+        handles.append(engine.submit(GenerationRequest(adapter="lora_a", prompt=prompt, images=images,
+                                                       classify="colour")))
+    while not all(h.done for h in handles):
+        engine.step()
+    assert [h.result(0).label for h in handles] == want
+    assert len(set(want)) > 1, "every prompt has the same label: the check cannot tell prompts apart"
 
 
 def data_url(image: Image.Image) -> str:
