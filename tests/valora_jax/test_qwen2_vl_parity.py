@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from valora_jax import load_pretrained
 from valora_jax.generation import Generator
-from valora_jax.models.qwen2_vl.inputs import rope_positions
+from valora_jax.models.qwen2_vl.inputs import rope_positions, vision_inputs
 
 MODELS = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -51,8 +51,28 @@ def test_image_features_match(loaded):
     _, model, _, ref = loaded
     vision, _ = model.generation_inputs(ref["input_ids"], ref["attention_mask"], ref["pixel_values"],
                                         ref["image_grid_thw"])
-    got = np.asarray(model.visual(vision))[: len(ref["image_features"])]
+    got = np.asarray(model.visual(vision))[0, : len(ref["image_features"])]  # one group, padding last
     np.testing.assert_allclose(got, ref["image_features"], rtol=0, atol=1e-4 * np.abs(ref["image_features"]).max())
+
+
+def test_per_image_layout_gives_each_image_its_features(loaded):
+    """A group per image (training's layout) gives the features of the one-group layout, image by image."""
+    _, model, _, ref = loaded
+    grid, pixels = np.asarray(ref["image_grid_thw"]), np.asarray(ref["pixel_values"])
+    n0 = int(grid[0].prod())
+    twice = np.concatenate([pixels[:n0], pixels[:n0]]), np.concatenate([grid[:1], grid[:1]])
+    per_image = vision_inputs(model.config, *twice, image_rows=[0, 1], per_image=True)
+    one_group = vision_inputs(model.config, *twice, image_rows=[0, 1])
+    assert per_image.pixel_values.shape[:2] == (2, n0) and one_group.pixel_values.shape[0] == 1
+    np.testing.assert_array_equal(per_image.rows[:, 0], [0, 1])
+    tokens = n0 // model.config.vision.merge_unit
+    got = np.asarray(model.visual(per_image)).reshape(-1, model.config.text.hidden_size)
+    want = np.asarray(model.visual(one_group))[0, : 2 * tokens]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(got[:tokens], ref["image_features"][:tokens], rtol=0,
+                               atol=1e-4 * np.abs(ref["image_features"]).max())
+    with pytest.raises(ValueError, match="one size"):
+        vision_inputs(model.config, pixels, grid, per_image=True)
 
 
 def test_logits_match_transformers(loaded):

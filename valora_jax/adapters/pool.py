@@ -99,11 +99,12 @@ class AdapterBatch:
                                    heads=pick(self.heads))
 
     def token_ids(self, lead_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
-        """Per-token slot ids for an activation whose leading axes are (rows, ...)."""
+        """Per-token slot ids for an activation whose leading axes start with the selection's own axes
+        ((rows,), or after `for_rows` the shape of its index)."""
         def per_token(ids):
             if ids is None:
                 return None
-            ids = ids.reshape(ids.shape + (1,) * (len(lead_shape) - 1))
+            ids = ids.reshape(ids.shape + (1,) * (len(lead_shape) - ids.ndim))
             return jnp.broadcast_to(ids, lead_shape).reshape(-1)
         return per_token(self.slots), per_token(self.correction)
 
@@ -238,8 +239,8 @@ def _write_back(kernels, originals):
 class AdapterPool:
     """Adapters in device slots and host memory, selected per row; see the module docstring.
 
-    Sites lie in the model's `POOL_TOWERS` (the towers that pass the selection down: all of LLaVA's, Qwen-VL's
-    decoder). `targets` limits the projection sites (PEFT's rule: a sequence of module names matches a path equal to
+    Sites lie in the model's `POOL_TOWERS` (the towers that pass the selection down: all of LLaVA's and
+    Qwen-VL's). `targets` limits the projection sites (PEFT's rule: a sequence of module names matches a path equal to
     a name or ending in "." + name; a string is a regex over the whole path); by default every `Linear`
     except the output head. `serial=False` leaves out the attention-block sites of Serial LoRA. Memory:
     each projection site holds slots * R * (d_in + d_out) values of the model's dtype, each serial site
