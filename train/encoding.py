@@ -7,8 +7,8 @@ same way. lm rows append the answer tokens and EOS, which are the only positions
 classify rows stop after the prompt, and their head reads the last position. Rows are left-padded to a
 fixed length, so the jitted step sees one shape, and carry positions counted from their first real
 token, as generation assigns them, so what is trained is what is decoded. `model_inputs` turns encoded
-arrays into what the model's jitted entry takes (Qwen-VL: vision inputs, one attention group per image,
-and M-RoPE positions, from the model's `generation_inputs`).
+arrays into what the model's jitted entry takes (Qwen-VL: vision inputs, an unpadded attention group per
+image, and M-RoPE positions, from the model's `generation_inputs`).
 
 An answer is usable only if the tokenizer represents it: a word it maps to an unknown token trains to a
 tiny loss on `<unk>` and can never be decoded, so `Encoder.check_answers` rejects such lm tasks before
@@ -167,14 +167,14 @@ class Encoder:
 
 def model_inputs(model, arrays: dict) -> dict:
     """Encoded `arrays` as the model's jitted entry (`hidden_states`) takes them: unchanged for LLaVA; for a
-    family that prepares its inputs on the host (Qwen-VL's `generation_inputs`), its vision inputs with an
-    attention group per image (a row's image: attention stays per image and the groups shard with their
-    rows) and its M-RoPE positions, `image_grid_thw` consumed."""
+    family that prepares its inputs on the host (Qwen-VL's `generation_inputs`), its vision inputs in the
+    exact layout (a group per row's image, unpadded: the groups shard with their rows) and its M-RoPE
+    positions, `image_grid_thw` consumed."""
     prepare = getattr(model, "generation_inputs", None)
     if prepare is None:
         return arrays
     out = dict(arrays)
     grid = out.pop("image_grid_thw", None)
     out["pixel_values"], out["position_ids"] = prepare(out["input_ids"], out["attention_mask"], out["pixel_values"],
-                                                       grid, per_image=True)
+                                                       grid, exact=True)
     return out

@@ -63,7 +63,7 @@ def test_encoded_batch_gives_the_models_own_logits(qwen_dir):
     want = np.asarray(model(arrays["input_ids"], arrays["pixel_values"], arrays["image_grid_thw"],
                             arrays["attention_mask"]))
     prepared = model_inputs(model, arrays)
-    assert prepared["pixel_values"].pixel_values.shape[:2] == (3, 16)  # a group per image
+    assert prepared["pixel_values"].pixel_values.shape[:2] == (3, 16)  # a group per image, unpadded
     assert prepared["position_ids"].shape == (3, *arrays["input_ids"].shape)
     hidden, _ = model.hidden_states(prepared["input_ids"], prepared["pixel_values"], prepared["attention_mask"],
                                     prepared["position_ids"])

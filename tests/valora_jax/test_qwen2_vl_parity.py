@@ -51,28 +51,27 @@ def test_image_features_match(loaded):
     _, model, _, ref = loaded
     vision, _ = model.generation_inputs(ref["input_ids"], ref["attention_mask"], ref["pixel_values"],
                                         ref["image_grid_thw"])
-    got = np.asarray(model.visual(vision))[0, : len(ref["image_features"])]  # one group, padding last
+    got = np.asarray(model.visual(vision))[: len(ref["image_features"])]  # padding last
     np.testing.assert_allclose(got, ref["image_features"], rtol=0, atol=1e-4 * np.abs(ref["image_features"]).max())
 
 
-def test_per_image_layout_gives_each_image_its_features(loaded):
-    """A group per image (training's layout) gives the features of the one-group layout, image by image."""
+def test_layouts_give_each_image_its_features(loaded):
+    """A group per image: padded to shared buckets (3 images -> 4 groups of 64 patches) or exact (images of
+    one size, training's layout), each image's features as transformers computes them."""
     _, model, _, ref = loaded
     grid, pixels = np.asarray(ref["image_grid_thw"]), np.asarray(ref["pixel_values"])
+    padded = vision_inputs(model.config, pixels, grid, image_rows=[0, 1, 1])
+    assert padded.pixel_values.shape[:2] == (4, 64) and padded.rows[:3, 0].tolist() == [0, 1, 1]
     n0 = int(grid[0].prod())
     twice = np.concatenate([pixels[:n0], pixels[:n0]]), np.concatenate([grid[:1], grid[:1]])
-    per_image = vision_inputs(model.config, *twice, image_rows=[0, 1], per_image=True)
-    one_group = vision_inputs(model.config, *twice, image_rows=[0, 1])
-    assert per_image.pixel_values.shape[:2] == (2, n0) and one_group.pixel_values.shape[0] == 1
-    np.testing.assert_array_equal(per_image.rows[:, 0], [0, 1])
+    exact = vision_inputs(model.config, *twice, image_rows=[0, 1], exact=True)
+    assert exact.pixel_values.shape[:2] == (2, n0) and exact.order is None
     tokens = n0 // model.config.vision.merge_unit
-    got = np.asarray(model.visual(per_image)).reshape(-1, model.config.text.hidden_size)
-    want = np.asarray(model.visual(one_group))[0, : 2 * tokens]
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
-    np.testing.assert_allclose(got[:tokens], ref["image_features"][:tokens], rtol=0,
-                               atol=1e-4 * np.abs(ref["image_features"]).max())
+    got = np.asarray(model.visual(exact))
+    scale = np.abs(ref["image_features"]).max()
+    np.testing.assert_allclose(got, np.concatenate([ref["image_features"][:tokens]] * 2), rtol=0, atol=1e-4 * scale)
     with pytest.raises(ValueError, match="one size"):
-        vision_inputs(model.config, pixels, grid, per_image=True)
+        vision_inputs(model.config, pixels, grid, exact=True)
 
 
 def test_logits_match_transformers(loaded):

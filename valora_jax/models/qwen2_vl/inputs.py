@@ -1,9 +1,13 @@
 """Host-side (numpy) inputs of Qwen-VL: the per-patch metadata of the vision encoder and M-RoPE positions.
 
 Everything data-dependent is computed here, from `image_grid_thw` and `input_ids`, so the jitted model sees
-static shapes only: the patches of all images are padded to a bucketed count (a power of two), the
-padding forms its own attention segment, and images of different sizes whose patches share a bucket
-share compiled programs (a mix of sizes compiles one program per bucket its batches reach).
+static shapes only. Each image is its own attention group (vision attention never crosses images, so
+its cost is per image, not quadratic in a batch's patches). By default each group is padded to a
+bucketed patch count (a power of two, at least MIN_PATCH_BUCKET, from the largest image) and the group
+count to a power of two, with padding in attention segments of its own: batches whose images share
+those buckets share compiled programs, so a mix of sizes compiles one program per (image-count bucket,
+patch bucket) its batches reach. Training batches (one image per row, all of one size) take the exact
+layout, without padding, whose groups split over devices with their rows.
 """
 
 from __future__ import annotations
@@ -22,16 +26,14 @@ MIN_PATCH_BUCKET = 64
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class VisionInputs:
-    """A batch's image patches in attention order (Qwen2.5-VL: window by window), in attention groups.
+    """A batch's image patches, a group per image, each in attention order (Qwen2.5-VL: window by window).
 
-    Every field has a leading group axis: attention never crosses groups. The default layout is one group
-    holding every image, padded to a bucketed patch count; `per_image` layouts give each image its own group
-    (all images the same size, no padding), which keeps attention per image and lets the groups split over
-    devices with the rows they belong to (training: one image per row). Within a group, `segments` /
-    `window_segments` give each patch its full-attention and window-attention group (an image frame; a
-    window of one); padding is a segment of its own. `restore` puts the group's merged tokens (one per
-    `merge_unit` patches, in attention order) back in image order, padding last. `rows` is the batch row
-    whose prompt each patch's image belongs to: the adapter pool's per-row selection reads it.
+    Within a group, `segments` / `window_segments` give each patch its full-attention and window-attention
+    group (an image frame; a window of one); padding is a segment of its own. `restore` puts the group's
+    merged tokens (one per `merge_unit` patches, in attention order) back in image order, padding last.
+    `order` (padded layouts; None in the exact one) takes the flattened groups' tokens to the batch's image
+    tokens in order, padding last. `rows` is the batch row whose prompt each patch's image belongs to: the
+    adapter pool's per-row selection reads it.
     """
 
     pixel_values: jax.Array  # (groups, patches, patch_dim) float
@@ -40,6 +42,7 @@ class VisionInputs:
     window_segments: jax.Array  # (groups, patches) int32
     restore: jax.Array  # (groups, patches // merge_unit) int32
     rows: jax.Array  # (groups, patches) int32
+    order: jax.Array | None = None  # (groups * patches // merge_unit,) int32
 
     @property
     def num_patches(self) -> int:
@@ -59,12 +62,12 @@ def _grids(image_grid_thw) -> np.ndarray:
     return grid
 
 
-def vision_inputs(cfg: QwenVLConfig, pixel_values, image_grid_thw, bucket: int | None = None, *,
-                  image_rows=None, per_image: bool = False) -> VisionInputs:
+def vision_inputs(cfg: QwenVLConfig, pixel_values, image_grid_thw, *, image_rows=None,
+                  exact: bool = False) -> VisionInputs:
     """Per-patch metadata for the image processor's flattened patches (`pixel_values`, (patches, patch_dim)).
 
-    `image_rows` (images,): the batch row of each image (default 0). One group padded to `bucket` patches
-    (default `patch_bucket` of the total), or with `per_image` a group per image (images of one size).
+    `image_rows` (images,): the batch row of each image (default 0). Padded to the buckets, or with
+    `exact` (images of one size) not padded at all.
     """
     v = cfg.vision
     pixel_values = np.asarray(pixel_values)
@@ -80,18 +83,26 @@ def vision_inputs(cfg: QwenVLConfig, pixel_values, image_grid_thw, bucket: int |
     image_rows = np.zeros(len(grid), np.int64) if image_rows is None else np.asarray(image_rows, np.int64)
     if image_rows.shape != (len(grid),):
         raise ValueError(f"image_rows must give one row per image ({len(grid)}), got shape {image_rows.shape}")
-    rows = np.repeat(image_rows, counts)
-    if not per_image:
-        return _stacked([_group(cfg, pixel_values, grid, rows, patch_bucket(total) if bucket is None else bucket)])
-    if bucket is not None or (grid != grid[0]).any():
-        raise ValueError(f"a per-image layout needs images of one size and no bucket; got {grid.tolist()}")
+    if exact and (grid != grid[0]).any():
+        raise ValueError(f"the exact layout needs images of one size; got {grid.tolist()}")
+    size = int(counts[0]) if exact else patch_bucket(counts.max())
     starts = np.concatenate([[0], np.cumsum(counts)])
-    return _stacked([_group(cfg, pixel_values[a:b], grid[i:i + 1], rows[a:b], int(counts[i]))
-                     for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))])
+    groups = [_group(cfg, pixel_values[a:b], grid[i:i + 1], np.full(b - a, image_rows[i]), size)
+              for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]
+    if exact:
+        return VisionInputs(**_stacked(groups))
+    n_groups = 1 << (len(groups) - 1).bit_length()
+    groups += [_group(cfg, pixel_values[:0], grid[:0], image_rows[:0], size)] * (n_groups - len(groups))
+    tokens = size // v.merge_unit
+    real = np.zeros((n_groups, tokens), bool)
+    for g, n in enumerate(counts // v.merge_unit):
+        real[g, :n] = True
+    order = np.concatenate([np.flatnonzero(real), np.flatnonzero(~real)]).astype(np.int32)
+    return VisionInputs(**_stacked(groups), order=order)
 
 
-def _stacked(groups: list[dict[str, np.ndarray]]) -> VisionInputs:
-    return VisionInputs(**{k: np.stack([g[k] for g in groups]) for k in groups[0]})
+def _stacked(groups: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([g[k] for g in groups]) for k in groups[0]}
 
 
 def _group(cfg: QwenVLConfig, pixel_values: np.ndarray, grid: np.ndarray, rows: np.ndarray,
@@ -128,15 +139,16 @@ def _group(cfg: QwenVLConfig, pixel_values: np.ndarray, grid: np.ndarray, rows: 
         window_segments.append(np.repeat(window + win_id, unit))
         window += int(win_id.max()) + 1
         unit_offset += tt.size
-    units = np.concatenate(order)  # attention order -> image-order unit index
+    units = np.concatenate(order) if order else np.zeros(0, np.int64)  # attention order -> image-order unit index
     patch_order = (units[:, None] * unit + np.arange(unit)).reshape(-1)
     pad = bucket - total
     padded = lambda a, fill: np.concatenate([a[patch_order], np.full((pad, *a.shape[1:]), fill, a.dtype)])  # noqa: E731
+    joined = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape, np.int64)  # noqa: E731
     return {
         "pixel_values": padded(pixel_values, 0),
-        "positions": padded(np.concatenate(positions), 0).astype(np.int32),
-        "segments": padded(np.concatenate(segments), frame).astype(np.int32),
-        "window_segments": padded(np.concatenate(window_segments), window).astype(np.int32),
+        "positions": padded(joined(positions, (0, 2)), 0).astype(np.int32),
+        "segments": padded(joined(segments, (0,)), frame).astype(np.int32),
+        "window_segments": padded(joined(window_segments, (0,)), window).astype(np.int32),
         "restore": np.concatenate([np.argsort(units), np.arange(total // unit, bucket // unit)]).astype(np.int32),
         "rows": padded(rows, 0).astype(np.int32),
     }

@@ -67,11 +67,11 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
 
     # -- host-side inputs -------------------------------------------------------------------------------
     def generation_inputs(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                          mm_token_type_ids=None, *, per_image: bool = False) -> tuple[VisionInputs | None, np.ndarray]:
+                          mm_token_type_ids=None, *, exact: bool = False) -> tuple[VisionInputs | None, np.ndarray]:
         """(vision inputs, M-RoPE positions) for a batch as the HF image processor and tokenizer give it.
 
-        `per_image`: each image its own attention group (images of one size), the layout of training batches
-        (one image per row): attention costs per image, and the groups shard over devices with their rows."""
+        Each image is its own vision attention group, padded to shared buckets; `exact` (images of one size,
+        the layout of training batches) pads nothing, and its groups shard over devices with their rows."""
         cfg = self.config
         input_ids = np.asarray(input_ids)
         is_image = input_ids == cfg.image_token_id
@@ -88,7 +88,7 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
                              "image tokens; expand each image's <|image_pad|> to its token count")
         vision = None if pixel_values is None else vision_inputs(
             cfg, pixel_values, image_grid_thw, image_rows=image_rows(cfg, input_ids, attention_mask),
-            per_image=per_image)
+            exact=exact)
         return vision, rope_positions(cfg, input_ids, attention_mask, image_grid_thw)
 
     # -- vision ------------------------------------------------------------------------------------------
@@ -98,8 +98,7 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))
         if vision is None:
             return embeds
-        features = self.visual(vision, adapters)
-        return place_image_features(embeds, is_image, features.reshape(-1, features.shape[-1]))
+        return place_image_features(embeds, is_image, self.visual(vision, adapters))
 
     # -- language model ----------------------------------------------------------------------------------
     def logits(self, hidden: jax.Array) -> jax.Array:

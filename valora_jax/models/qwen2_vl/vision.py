@@ -130,8 +130,8 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-    """`__call__(VisionInputs, adapters)` -> merged tokens (groups, patches // merge_unit, out_hidden_size) in
-    image order."""
+    """`__call__(VisionInputs, adapters)` -> the batch's merged image tokens (groups * patches // merge_unit,
+    out_hidden_size) in image order, padding last."""
 
     def __init__(self, cfg: QwenVisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -150,4 +150,6 @@ class VisionTransformer(nnx.Module):
         full, window = same(inputs.segments), same(inputs.window_segments)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, full if self.cfg.full_attention(i) else window, per_patch)
-        return jnp.take_along_axis(self.merger(x, per_token), inputs.restore[..., None], axis=1)
+        merged = jnp.take_along_axis(self.merger(x, per_token), inputs.restore[..., None], axis=1)
+        tokens = merged.reshape(-1, merged.shape[-1])
+        return tokens if inputs.order is None else tokens[inputs.order]
