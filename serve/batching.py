@@ -6,7 +6,8 @@ decision means and checks it.
 One engine step, in this order (the simulator's cost model times exactly these three parts):
 
 1. Weight switch: when `plan.merged` differs from the adapter folded into the weights now, the
-   pool unmerges the current one (if any) and merges the new one (if any): `switch_ops`.
+   pool merges the new one, unmerges the current one, or replaces one by the other in a single pass
+   over the weights (`AdapterPool.switch`): `switch_ops`.
 2. Prefill: the admitted requests (`plan.admit`) are prefilled in one call, each takes a free
    decode slot and gets its first output token from the prefill.
 3. Decode: every request that was running before the step generates one token.
@@ -141,17 +142,15 @@ def mode_for(merged: str | None, adapters: Iterable[str | None]) -> Mode:
     return "merged" if all(a == merged for a in adapters) else "mixture"
 
 
-def switch_ops(current: str | None, target: str | None) -> tuple[tuple[str, str], ...]:
-    """The weight changes that take the weights from `current` merged to `target` merged, in order:
-    ("unmerge", adapter) and/or ("merge", adapter); empty when nothing changes."""
+def switch_ops(current: str | None, target: str | None) -> tuple[tuple[str, str | None], ...]:
+    """The weight change that takes the weights from `current` merged to `target` merged: ("merge",
+    target) from unmerged, ("unmerge", current) to unmerged, ("switch", target) from one adapter to
+    another (one pass); empty when nothing changes."""
     if current == target:
         return ()
-    ops = []
-    if current is not None:
-        ops.append(("unmerge", current))
-    if target is not None:
-        ops.append(("merge", target))
-    return tuple(ops)
+    if current is None:
+        return (("merge", target),)
+    return (("unmerge", current),) if target is None else (("switch", target),)
 
 
 def fill(candidates: Iterable[Request], state: StepState) -> tuple[Request, ...]:

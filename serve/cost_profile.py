@@ -22,14 +22,16 @@ Prefill and decode are each a linear function of the step's features (`StepFeatu
   (this project's engine computes the mixture correction on every slot of a mixture step; a
   merged-mode step, all of whose rows are the merged adapter's, runs the model alone).
 
-Switches: `merge_s` and `unmerge_s` per weight change (`serve.batching.switch_ops`).
+Switches: `merge_s`, `unmerge_s` and `switch_s` (one merged adapter to another in one pass) per weight
+change (`serve.batching.switch_ops`); a profile without `switch_s` charges such a switch an unmerge and a
+merge.
 
 A profile file:
 
     {"name": "...", "device": "...", "note": "...", "image_tokens": 576,
      "prefill": {"fixed_s": ..., "per_token_s": ..., ...},   # missing coefficients are 0
      "decode": {...},
-     "switch": {"merge_s": ..., "unmerge_s": ...}}
+     "switch": {"merge_s": ..., "unmerge_s": ..., "switch_s": ...}}
 
 `LinearCost.fit` fits the coefficients to measured (features, seconds) samples by least squares;
 `fit_profile` turns the engine's per-step `StepTiming` records into a profile (`python -m serve.profile`
@@ -134,6 +136,7 @@ class CostProfile:
     decode: LinearCost
     merge_s: float
     unmerge_s: float
+    direct_s: float | None = None  # one merged adapter to another ("switch_s" in the file)
     image_tokens: int = 0
     device: str = ""
     note: str = ""
@@ -144,13 +147,20 @@ class CostProfile:
     def decode_s(self, rows: Sequence[Request], mode: Mode, merged: str | None) -> float:
         return self.decode.seconds(step_features(rows, mode, merged, prefill=False)) if rows else 0.0
 
-    def switch_s(self, ops: Sequence[tuple[str, str]]) -> float:
-        return sum(self.merge_s if op == "merge" else self.unmerge_s for op, _ in ops)
+    def op_s(self, op: str) -> float:
+        """Seconds of one weight change: "merge", "unmerge" or "switch"."""
+        if op == "switch":
+            return self.merge_s + self.unmerge_s if self.direct_s is None else self.direct_s
+        return self.merge_s if op == "merge" else self.unmerge_s
+
+    def switch_s(self, ops: Sequence[tuple[str, str | None]]) -> float:
+        return sum(self.op_s(op) for op, _ in ops)
 
     def to_json(self) -> dict:
         return {"name": self.name, "device": self.device, "note": self.note, "image_tokens": self.image_tokens,
                 "prefill": dataclasses.asdict(self.prefill), "decode": dataclasses.asdict(self.decode),
-                "switch": {"merge_s": self.merge_s, "unmerge_s": self.unmerge_s}}
+                "switch": {"merge_s": self.merge_s, "unmerge_s": self.unmerge_s,
+                           **({} if self.direct_s is None else {"switch_s": self.direct_s})}}
 
     @classmethod
     def from_json(cls, data: dict, *, source: str = "profile") -> CostProfile:
@@ -158,7 +168,8 @@ class CostProfile:
             return cls(name=data.get("name", source), device=data.get("device", ""), note=data.get("note", ""),
                        image_tokens=int(data.get("image_tokens", 0)),
                        prefill=LinearCost(**data["prefill"]), decode=LinearCost(**data["decode"]),
-                       merge_s=float(data["switch"]["merge_s"]), unmerge_s=float(data["switch"]["unmerge_s"]))
+                       merge_s=float(data["switch"]["merge_s"]), unmerge_s=float(data["switch"]["unmerge_s"]),
+                       direct_s=None if data["switch"].get("switch_s") is None else float(data["switch"]["switch_s"]))
         except (KeyError, TypeError) as e:
             raise ValueError(f"{source}: not a cost profile ({type(e).__name__}: {e}); expected keys "
                              f"prefill, decode, switch.merge_s, switch.unmerge_s; coefficients {FEATURES}") from e
@@ -166,17 +177,20 @@ class CostProfile:
 
 def fit_profile(timings: Sequence[StepTiming], *, name: str, image_tokens: int, device: str = "",
                 note: str = "") -> CostProfile:
-    """A profile fitted to measured steps: prefill and decode by `LinearCost.fit`, merge and unmerge as
-    the median of their measured times (a switch's cost does not depend on the batch)."""
+    """A profile fitted to measured steps: prefill and decode by `LinearCost.fit`, merge, unmerge and
+    (when measured) the direct switch as the median of their measured times (a switch's cost does not
+    depend on the batch)."""
     prefill = [(t.prefill, t.prefill_s) for t in timings if t.prefill is not None]
     decode = [(t.decode, t.decode_s) for t in timings if t.decode is not None]
     ops = {op: [s for t in timings for o, s in t.switch if o == op] for op in ("merge", "unmerge")}
+    direct = [s for t in timings for o, s in t.switch if o == "switch"]
     missing = [what for what, samples in (("prefill", prefill), ("decode", decode), *ops.items()) if not samples]
     if missing:
         raise ValueError(f"the measured steps have no {', '.join(missing)}: a profile needs every part timed")
     return CostProfile(name=name, device=device, note=note, image_tokens=image_tokens,
                        prefill=LinearCost.fit(prefill), decode=LinearCost.fit(decode),
-                       merge_s=float(np.median(ops["merge"])), unmerge_s=float(np.median(ops["unmerge"])))
+                       merge_s=float(np.median(ops["merge"])), unmerge_s=float(np.median(ops["unmerge"])),
+                       direct_s=float(np.median(direct)) if direct else None)
 
 
 def load_profile(name_or_path: str | pathlib.Path) -> CostProfile:

@@ -94,8 +94,7 @@ def residuals(profile: CostProfile, timings) -> dict:
     """Median and 90th percentile of the relative error of the profile's prediction, per part."""
     parts = {"prefill": [(profile.prefill.seconds(t.prefill), t.prefill_s) for t in timings if t.prefill],
              "decode": [(profile.decode.seconds(t.decode), t.decode_s) for t in timings if t.decode],
-             "switch": [(profile.merge_s if op == "merge" else profile.unmerge_s, s)
-                        for t in timings for op, s in t.switch]}
+             "switch": [(profile.op_s(op), s) for t in timings for op, s in t.switch]}
     out = {}
     for part, pairs in parts.items():
         error = np.array([abs(p - m) / m for p, m in pairs if m > 0])

@@ -23,24 +23,27 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from train.data import DataError
 from train.distributed import initialize, is_primary
 from train.encoding import AnswerError
-from train.run import TINY, JobConfig
+from train.run import TINY, JobConfig, TowerError
 from train.run_folder import RECORD_FILE, RunFolderError, read_record
 from train.task_config import DEFAULT_TASKS_FILE, TaskConfigError
 from train.trainer import TrainConfig
 from valora_jax.adapters import AdapterConfig, SnellaConfig
 
 DEFAULT_OUT = pathlib.Path("runs/default")
-# The embedded default adapts every projection of all three parts of the tiny LLaVA: its base is random,
-# so the vision tower and projector must learn features too, not only the language model.
-ALL_TOWERS = ("language_model", "vision_tower", "multi_modal_projector")
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # decoder
+# The embedded default adapts every projection of every part of the model (LLaVA's language model, vision
+# tower and projector; Qwen-VL's vision encoder and decoder): the tiny base is random, so the vision side
+# must learn features too, not only the language model. The names cover both families.
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # decoders
                    "out_proj", "fc1", "fc2",  # CLIP layers (q/k/v shared with the decoder's names)
-                   "linear_1", "linear_2")  # projector
-SERIAL_TARGETS = ("self_attn",)
+                   "linear_1", "linear_2",  # LLaVA's projector
+                   "qkv", "proj", "mlp.0", "mlp.2")  # Qwen-VL's vision blocks (and gated MLPs above), merger
+SERIAL_TARGETS = ("self_attn", "attn")  # decoder and CLIP blocks; Qwen-VL's vision blocks
+# Settings added to run.json after its first format, with the values that reproduce runs recorded without them.
+ADDED_FLAGS = {"image_size": None}
 # Where and how to run, not what: never part of run.json (the number of processes is, as `processes`).
 NOT_RECORDED = ("out", "resume", "overwrite", "coordinator_address", "num_processes", "process_id")
 # Problems with the user's input: printed as one message, not a traceback.
-INPUT_ERRORS = (RunFolderError, TaskConfigError, DataError, AnswerError, FileNotFoundError)
+INPUT_ERRORS = (RunFolderError, TaskConfigError, DataError, AnswerError, TowerError, FileNotFoundError)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,7 +57,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=TINY,
                    help="'tiny' (the built-in tiny LLaVA, seeded-random weights, no files) or the path of a local "
-                        "HF LLaVA directory (config.json, *.safetensors, processor files)")
+                        "HF directory of LLaVA, Qwen2-VL or Qwen2.5-VL (config.json, *.safetensors, processor files)")
     p.add_argument("--tasks", type=pathlib.Path, default=DEFAULT_TASKS_FILE,
                    help="YAML task file (format: train/task_config.py; the default is the embedded suite)")
     p.add_argument("--adapter", choices=("lora", "serial_lora", "snella"), default="lora", help="adapter kind")
@@ -62,8 +65,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=32, help="adapter rank")
     p.add_argument("--alpha", type=float, default=64.0, help="LoRA / Serial LoRA scale numerator (scale = alpha/rank)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input (LoRA, Serial LoRA)")
-    p.add_argument("--towers", nargs="+", default=list(ALL_TOWERS),
-                   help="model parts that get adapters (language_model, vision_tower, multi_modal_projector)")
+    p.add_argument("--towers", nargs="+", default=None,
+                   help="model parts that get adapters (default: all; LLaVA: language_model vision_tower "
+                        "multi_modal_projector; Qwen-VL: visual language_model)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side in pixels of the task images (default: the model's input size; 224 for Qwen-VL, "
+                        "which takes any size)")
     p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT,
                    help="output folder: adapters/, report.json, report.md, accuracy.png, metrics.jsonl, checkpoints")
     p.add_argument("--resume", action="store_true",
@@ -105,10 +112,12 @@ def parser() -> argparse.ArgumentParser:
 def adapter_config(args: argparse.Namespace) -> AdapterConfig:
     targets = SERIAL_TARGETS if args.adapter == "serial_lora" else ALL_PROJECTIONS
     return AdapterConfig(kind=args.adapter, rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
-                         towers=tuple(args.towers), snella=SnellaConfig(total_steps=max(args.steps, 2)))
+                         towers=tuple(args.towers or ()), snella=SnellaConfig(total_steps=max(args.steps, 2)))
 
 
 def job_config(args: argparse.Namespace) -> JobConfig:
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {args.image_size}")
     if args.batch_size % args.data_parallel:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of --data-parallel {args.data_parallel}")
     processes, devices = jax.process_count(), jax.device_count()
@@ -121,7 +130,7 @@ def job_config(args: argparse.Namespace) -> JobConfig:
                         data_parallel=args.data_parallel)
     return JobConfig(out=args.out, model=args.model, tasks=pathlib.Path(args.tasks), adapter=adapter_config(args),
                      train=train, eval_batch_size=args.eval_batch_size,
-                     order=tuple(args.order) if args.order else None, resume=args.resume,
+                     order=tuple(args.order) if args.order else None, image_size=args.image_size, resume=args.resume,
                      overwrite=args.overwrite, flags=recorded_flags(args))
 
 
@@ -147,7 +156,7 @@ def resumed_args(cli: argparse.ArgumentParser, args: argparse.Namespace, argv: l
     """(the recorded settings of the run in --out as parsed flags, the task file text); a given flag that
     differs from its recorded value is a usage error naming it."""
     record = read_record(args.out)
-    recorded, given = record["flags"], recorded_flags(args)
+    recorded, given = {**ADDED_FLAGS, **record["flags"]}, recorded_flags(args)
     missing = sorted(set(given) - set(recorded))
     if missing:
         raise RunFolderError(f"--resume: {args.out / RECORD_FILE} lacks the settings {', '.join(missing)} "

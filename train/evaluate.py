@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from train.encoding import Encoder
+from train.encoding import Encoder, model_inputs
 from train.pipeline import eval_dataset
 from train.tasks import Task, label_index
 from valora_jax.generation import Generator, bucket_length
@@ -43,11 +43,11 @@ def head_predictions(graphdef, state, arrays: dict) -> jax.Array:
 class Evaluator:
     """Evaluates tasks with one encoder and fixed batch size; `learner` is a `trainer.Learner`."""
 
-    def __init__(self, encoder: Encoder, *, image_size: int, batch_size: int):
-        self.encoder, self.image_size, self.batch_size = encoder, image_size, batch_size
+    def __init__(self, encoder: Encoder, *, batch_size: int):
+        self.encoder, self.batch_size = encoder, batch_size
 
     def _batches(self, task: Task):
-        for batch in eval_dataset(task, 0, batch_size=self.batch_size, image_size=self.image_size):
+        for batch in eval_dataset(task, 0, batch_size=self.batch_size, image_size=self.encoder.image_size):
             yield len(batch["prompt"]), self.encoder.encode(padded(batch, self.batch_size),
                                                             lm_rows=np.zeros(self.batch_size, bool))
 
@@ -56,6 +56,7 @@ class Evaluator:
         head = np.int32(learner.heads.tasks.index(task.name))
         out = []
         for n, arrays in self._batches(task):
+            arrays = model_inputs(learner.model, arrays)
             arrays["head_index"] = np.full(self.batch_size, head, np.int32)
             arrays.pop("target_mask")
             out += [int(p) for p in np.asarray(head_predictions(graphdef, state, arrays))[:n]]
@@ -68,7 +69,8 @@ class Evaluator:
         out = []
         for n, arrays in self._batches(task):
             tokens = generator.generate(arrays["input_ids"], arrays["pixel_values"], arrays["attention_mask"],
-                                        max_new_tokens=max_new, eos_token_id=self.encoder.eos_token_id)
+                                        image_grid_thw=arrays.get("image_grid_thw"), max_new_tokens=max_new,
+                                        eos_token_id=self.encoder.eos_token_id)
             out += [text.strip() for text in tokenizer.batch_decode(tokens[:n], skip_special_tokens=True)]
         return out
 

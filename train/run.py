@@ -52,6 +52,9 @@ from valora_jax.models.tiny import TINY, tiny_base
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+# Task image side for families without a fixed input size (Qwen-VL's processor takes any size): 224 pixels
+# are 16 x 16 patches of 14, 64 decoder tokens per image at spatial merge 2.
+DYNAMIC_IMAGE_SIZE = 224
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,7 @@ class JobConfig:
     train: TrainConfig = TrainConfig()
     eval_batch_size: int = 50
     order: tuple[str, ...] | None = None
+    image_size: int | None = None  # side of the task images; None: the model's own (DYNAMIC_IMAGE_SIZE for Qwen-VL)
     resume: bool = False
     overwrite: bool = False
     flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the settings run.json records
@@ -74,13 +78,27 @@ class JobConfig:
 
 
 def load_base(model: str):
-    """(model, processor) of `tiny` (seeded-random weights, in-memory processor) or an HF LLaVA directory."""
+    """(model, processor) of `tiny` (seeded-random weights, in-memory processor) or a local HF directory of a
+    supported family (LLaVA, Qwen2-VL, Qwen2.5-VL)."""
     if model == TINY:
         return tiny_base()
     base, processor = load_pretrained(model)
     if processor is None:
         raise FileNotFoundError(f"{model} has no processor files (tokenizer, image processor); training needs them")
     return base, processor
+
+
+class TowerError(ValueError):
+    """--towers names a part the model does not have."""
+
+
+def adapter_for_model(adapter: AdapterConfig, model) -> AdapterConfig:
+    """`adapter` with its towers checked against the model's (no towers: all of them)."""
+    towers = tuple(getattr(model, "POOL_TOWERS", ()))
+    unknown = [t for t in adapter.towers if t not in towers]
+    if unknown:
+        raise TowerError(f"--towers {' '.join(unknown)}: not a part of this model; its parts are {' '.join(towers)}")
+    return adapter if adapter.towers else dataclasses.replace(adapter, towers=towers)
 
 
 def group_key(tasks: Sequence[Task]) -> str:
@@ -100,13 +118,12 @@ class Job:
             raise TaskConfigError(f"{config.tasks}: cannot read task file: {error}") from None
         specs = load_task_specs(config.tasks, tasks_text)  # a typo fails here, before the model or any data loads
         self.model, processor = load_base(config.model)
-        cfg = self.model.config
-        self.image_size = cfg.vision.image_size
+        self.adapter = adapter_for_model(config.adapter, self.model)
+        self.image_size = config.image_size or getattr(self.model.config.vision, "image_size", DYNAMIC_IMAGE_SIZE)
         self.tasks = [build_task(spec, image_size=self.image_size, seed=config.train.seed) for spec in specs]
-        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-        self.encoder = Encoder(processor, cfg.eos_token_id, pad).fitted(self.tasks)
+        self.encoder = Encoder.for_model(self.model, processor, self.image_size).fitted(self.tasks)
         self.encoder.check_answers(self.tasks)
-        self.evaluator = Evaluator(self.encoder, image_size=self.image_size, batch_size=config.eval_batch_size)
+        self.evaluator = Evaluator(self.encoder, batch_size=config.eval_batch_size)
         barrier("loaded")  # every process has checked --out before the first one changes it
         if not config.resume and is_primary():  # everything loaded: the run starts here
             if config.overwrite and previous_run(self.out):
@@ -145,11 +162,10 @@ class Job:
             return json.loads(result_path.read_text())["scores"]
         config = self.config
         warm_start = self.training_dir(group[:-1]) / "adapter" if len(group) > 1 else None
-        learner = new_learner(self.model, self.tasks, config.adapter, config.train.seed, warm_start=warm_start)
+        learner = new_learner(self.model, self.tasks, self.adapter, config.train.seed, warm_start=warm_start)
         try:
-            losses = train_adapter(learner, group, self.encoder, config.train, image_size=self.image_size,
-                          checkpoint_dir=directory / "checkpoints", metrics=self.metrics, name=group_key(group),
-                          resume=config.resume)
+            losses = train_adapter(learner, group, self.encoder, config.train, checkpoint_dir=directory / "checkpoints",
+                                   metrics=self.metrics, name=group_key(group), resume=config.resume)
             learner.eval()  # input dropout off while scoring
             scores = self.evaluator.scores(group, self.model, learner)
             classify = [task.name for task in group if task.head == "classify"]
@@ -186,7 +202,7 @@ class Job:
     def run(self) -> Report:
         base = self.base_scores()
         fusion = fuse_tasks(self.tasks, self.train_and_eval, order=self.config.order)
-        report = build_report(self.tasks, base, fusion, kind=self.config.adapter.kind, rank=self.config.adapter.rank,
+        report = build_report(self.tasks, base, fusion, kind=self.adapter.kind, rank=self.adapter.rank,
                               trainable_parameters=self.publish(fusion))
         if is_primary():
             write_report(report, self.out)

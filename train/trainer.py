@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from train.encoding import Encoder
+from train.encoding import Encoder, model_inputs
 from valora_jax.adapters.heads import WEIGHTS_FILE, ClassifyHeads
 from train.distributed import is_primary
 from train.pipeline import make_iterator, train_dataset
@@ -114,12 +114,17 @@ def head_indices(tasks: Sequence[Task], heads: ClassifyHeads | None) -> np.ndarr
     return np.array([names.index(t.name) if t.head == "classify" else -1 for t in tasks], np.int32)
 
 
-def model_batch(batch: dict, encoder: Encoder, task_heads: np.ndarray) -> dict[str, np.ndarray]:
-    """The arrays a step needs from a pipeline batch of tasks whose head positions are `task_heads`."""
+def model_batch(batch: dict, encoder: Encoder, task_heads: np.ndarray, model: nnx.Module) -> dict:
+    """The arrays `model`'s step needs from a pipeline batch of tasks whose head positions are `task_heads`."""
     head_index = task_heads[batch["task"]]
-    arrays = encoder.encode(batch, lm_rows=head_index < 0)
+    arrays = model_inputs(model, encoder.encode(batch, lm_rows=head_index < 0))
     arrays.update(label=np.maximum(batch["label"], 0).astype(np.int32), head_index=head_index)
     return arrays
+
+
+def row_spec(name: str, array) -> PartitionSpec:
+    """How a batch array splits over 'data': by its row axis (M-RoPE positions (3, rows, seq): the second)."""
+    return PartitionSpec(None, "data") if name == "position_ids" and np.ndim(array) == 3 else PartitionSpec("data")
 
 
 def saved_state(learner: Learner, optimizer: nnx.Optimizer) -> nnx.State:
@@ -134,18 +139,19 @@ def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
 
 
 class _Batches:
-    """Pipeline batches as model arrays placed on the mesh (the batch axis split over 'data')."""
+    """Pipeline batches as model arrays placed on the mesh (the row axis split over 'data'; Qwen-VL's vision
+    inputs by their groups, an image per row)."""
 
     def __init__(self, tasks: Sequence[Task], task_heads: np.ndarray, encoder: Encoder, config: TrainConfig, mesh,
-                 image_size: int):
-        dataset = train_dataset(tasks, batch_size=config.batch_size, seed=config.seed, image_size=image_size)
+                 model: nnx.Module):
+        dataset = train_dataset(tasks, batch_size=config.batch_size, seed=config.seed, image_size=encoder.image_size)
         self.iterator = make_iterator(dataset)
-        self.encoder, self.task_heads = encoder, task_heads
-        self.sharding = NamedSharding(mesh, PartitionSpec("data"))
+        self.encoder, self.task_heads, self.model, self.mesh = encoder, task_heads, model, mesh
 
-    def __next__(self) -> dict[str, jax.Array]:
-        arrays = model_batch(next(self.iterator), self.encoder, self.task_heads)
-        return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in arrays.items()}
+    def __next__(self) -> dict:
+        arrays = model_batch(next(self.iterator), self.encoder, self.task_heads, self.model)
+        place = lambda spec: lambda v: jax.make_array_from_process_local_data(NamedSharding(self.mesh, spec), v)  # noqa: E731
+        return {k: jax.tree.map(place(row_spec(k, v)), v) for k, v in arrays.items()}
 
 
 def new_learner(model: nnx.Module, suite: Sequence[Task], adapter: AdapterConfig, seed: int,
@@ -183,7 +189,6 @@ def train_adapter(
     encoder: Encoder,
     config: TrainConfig,
     *,
-    image_size: int,
     checkpoint_dir: pathlib.Path,
     metrics: MetricsLog | None,
     name: str,
@@ -199,7 +204,7 @@ def train_adapter(
     # Its step counters start on one device and leave the step on the mesh; placed there from the start,
     # the step's input shardings never change, so it compiles once.
     shard_model(optimizer, mesh)
-    batches = _Batches(tasks, head_indices(tasks, learner.heads), encoder, config, mesh, image_size)
+    batches = _Batches(tasks, head_indices(tasks, learner.heads), encoder, config, mesh, learner.model)
     sparsify = learner.model.adapter_config.kind == "snella"
     schedule = config.schedule()
     start = 0

@@ -5,7 +5,8 @@ queue. One loop thread runs steps; before each step the policy (`serve.policy`, 
 simulator) picks the mode (unmerged, merged with adapter m, mixture with m merged) and which waiting
 requests join, and the step runs in the order `serve.batching` defines:
 
-1. switch: the adapter pool unmerges / merges (one jitted, donated update each);
+1. switch: the adapter pool merges, unmerges, or replaces the merged adapter (one jitted, donated
+   update);
 2. prefill: each admitted request runs alone through a jitted prefill (prompt length bucketed to a power
    of two, images encoded with its adapter), its KV rows are copied into a free decode slot, and its
    first token is sampled; a classify request is answered from its adapter's head here and ends;
@@ -467,9 +468,9 @@ class Engine:
         timings = self.step_timings  # read once: a caller may swap the list between steps
         timing = timings is not None
         switch = []
-        for op, name in batching.switch_ops(self.pool.merged, plan.merged):
+        for op, _ in batching.switch_ops(self.pool.merged, plan.merged):
             start = now()
-            self.pool.unmerge() if op == "unmerge" else self.pool.merge(name)
+            self.pool.switch(plan.merged)
             self.switches += 1
             if timing:  # the update is asynchronous: wait for it so that its time is its own
                 jax.block_until_ready(nnx.state(self.model))

@@ -84,10 +84,10 @@ def test_lora_trains_only_the_adapter(golden):
     assert grads and all(np.abs(np.asarray(g)).sum() > 0 for g in grads)
 
 
-def test_adapter_pool_serves_a_mixed_batch_on_the_decoder(golden, golden_dir, tmp_path):
-    """Qwen2.5-VL's decoder takes the pool's per-row selection: row 0 with a LoRA, row 1 with a Serial LoRA
-    equal each attached alone; an adapter on the vision tower is refused, naming the site (the patches
-    carry no row yet)."""
+def test_adapter_pool_serves_a_mixed_batch_through_both_towers(golden, golden_dir, tmp_path):
+    """Qwen2.5-VL's vision tower and decoder take the pool's per-row selection (the second row's two images
+    through its adapter): a LoRA and a Serial LoRA on both towers equal each attached alone, unmerged and in
+    mixture mode with either merged; PEFT's LoRA on both towers beside a base row gives PEFT's logits."""
     from valora_jax.adapters import save_adapter
     from valora_jax.adapters.pool import AdapterPool
 
@@ -96,23 +96,36 @@ def test_adapter_pool_serves_a_mixed_batch_on_the_decoder(golden, golden_dir, tm
     alone = {}
     for seed, (name, config) in enumerate((("lora", LORA), ("serial", SERIAL_LORA))):
         model, _ = load_pretrained(path)
-        config = AdapterConfig(**{**config.to_json(), "towers": ("language_model",)})
         attach(model, config, nnx.Rngs(seed))
         randomize_adapter(model, seed=10 + seed)
         save_adapter(model, tmp_path / name)
         alone[name] = np.asarray(forward(model, *inputs))
     model, _ = load_pretrained(path)
-    pool = AdapterPool(model, slots=2, max_rank=4)
-    for name in alone:
+    alone[None] = np.asarray(forward(model, *inputs))
+    pool = AdapterPool(model, slots=3, max_rank=4)
+    for name in ("lora", "serial"):
         pool.load(name, tmp_path / name)
-    with pytest.raises(ValueError, match=r"adapter 'vision'.*visual\.blocks.*not a site of this pool"):
-        pool.load("vision", golden_dir / "peft_lora_qwen2_5_vl")
+    pool.load("peft", golden_dir / "peft_lora_qwen2_5_vl")
+    assert any(site.startswith("visual.") for site in pool._host["peft"].linear)
 
     @nnx.jit
     def pooled(model, ids, vision, mask, positions, adapters):
         return model.logits(model.hidden_states(ids, vision, mask, positions, adapters=adapters)[0])
 
-    got = np.asarray(pooled(model, *inputs, pool.select(["lora", "serial"])))
-    for row, name in enumerate(("lora", "serial")):
-        keep = np.asarray(mask)[row:row + 1]
-        assert rel_err(got[row:row + 1], alone[name][row:row + 1], keep) <= 1e-5, name
+    def check(rows, merged=None):
+        pool.unmerge()
+        if merged is not None:
+            pool.merge(merged)
+        got = np.asarray(pooled(model, *inputs, pool.select(rows)))
+        for row, name in enumerate(rows):
+            keep = np.asarray(mask)[row:row + 1]
+            assert rel_err(got[row:row + 1], alone[name][row:row + 1], keep) <= 1e-5, (rows, merged, row)
+
+    check(["lora", "serial"])
+    check(["serial", "lora"], merged="lora")
+    check(["lora", None], merged="serial")
+    pool.unmerge()
+    want = load_file(golden_dir / "peft_lora_qwen2_5_vl.outputs.safetensors")["logits"]
+    got = np.asarray(pooled(model, *inputs, pool.select(["peft", None])))
+    assert rel_err(got[:1], want[:1], np.asarray(mask)[:1]) <= 1e-4
+    assert rel_err(got[1:], alone[None][1:], np.asarray(mask)[1:]) <= 1e-5

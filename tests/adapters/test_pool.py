@@ -263,6 +263,33 @@ def test_loading_evicting_selecting_and_switching_never_recompile(saved_kinds):
     assert _forward._cache_size() == programs and pool_writer_programs() == writers
 
 
+def test_switching_between_merged_adapters_directly(saved_kinds):
+    """`switch(b)` while a is merged: every row's logits as after unmerge() and merge(b) (Serial LoRA's q/k/v
+    corrections rebuilt from the base weights, not a's), in one program per pair of site sets."""
+    from valora_jax.adapters import pool as pool_module
+
+    root, inputs, alone = saved_kinds
+    model = small_model(seed=3)
+    pool = AdapterPool(model, slots=3, max_rank=64)
+    for name in KIND_CONFIGS:
+        pool.load(name, root / name)
+    path = ("serial", "lora", "snella", "serial", None, "lora", "serial", "lora")
+    for target in path:
+        pool.switch(target)
+        assert pool.merged == target
+        rows = (target, None, "lora", "serial")
+        check_kinds(forward(model, *inputs, pool.select(rows)), alone, rows)
+    programs = pool_module._switch._cache_size()
+    for target in path:  # the same path again compiles nothing
+        pool.switch(target)
+    assert pool_module._switch._cache_size() == programs
+    with pytest.raises(ValueError, match="'lora' is merged; unmerge\\(\\) before merging 'serial', or switch"):
+        pool.merge("serial")
+    with pytest.raises(KeyError, match="'nope' is not loaded"):
+        pool.switch("nope")
+    assert pool.merged == "lora"
+
+
 def pool_writer_programs():
     from valora_jax.adapters import pool as pool_module
     return pool_module._write_slot._cache_size()
@@ -333,6 +360,22 @@ def test_switching_100_times_in_bfloat16_keeps_the_base_weights(golden_dir):
     pool.unmerge()
     pool.restore()
     assert all(np.array_equal(w, original[p]) for p, w in kernels().items())
+    # Direct switches between merged adapters: every switch away from one counts towards the restore.
+    pool = AdapterPool(model, slots=4, max_rank=8, restore_every=every)
+    for name in PEFT_ADAPTERS:
+        pool.load(name, golden_dir / name)
+    away = 0
+    for cycle in range(1, 31):
+        for name in PEFT_ADAPTERS[: cycle % 3 + 1]:
+            away += pool.merged is not None
+            pool.switch(name)
+        away += 1
+        pool.switch(None)
+        since_restore = away % every
+        drift = max(np.abs(w - original[p]).max() for p, w in kernels().items())
+        assert drift <= since_restore * 2.0**-8 * largest, (cycle, drift)
+        if since_restore == 0:
+            assert drift == 0.0, cycle
 
 
 def test_classify_heads_load_with_their_adapter_and_answer_in_the_same_pass(saved_kinds, tmp_path):

@@ -40,7 +40,7 @@ def test_mode_for_and_switch_ops():
     assert switch_ops("A", "A") == ()
     assert switch_ops(None, "A") == (("merge", "A"),)
     assert switch_ops("A", None) == (("unmerge", "A"),)
-    assert switch_ops("A", "B") == (("unmerge", "A"), ("merge", "B"))
+    assert switch_ops("A", "B") == (("switch", "B"),)
 
 
 def test_fill_respects_slots_and_the_kv_budget_left_by_running_requests():
@@ -122,13 +122,15 @@ def test_linear_cost_fit_is_the_best_non_negative_fit():
 
 def test_fit_profile_from_step_timings():
     truth = LinearCost(fixed_s=0.01, per_token_s=1e-3, per_merged_s=0.02)
-    steps = [StepTiming(switch=(("unmerge", 0.004), ("merge", 0.006)) if i % 3 == 0 else (),
+    steps = [StepTiming(switch=(("unmerge", 0.004), ("merge", 0.006), ("switch", 0.007)) if i % 3 == 0 else (),
                         prefill=StepFeatures(tokens=8 * i + 4, merged=i % 2), prefill_s=truth.seconds(
                             StepFeatures(tokens=8 * i + 4, merged=i % 2)),
                         decode=StepFeatures(tokens=i + 1) if i else None, decode_s=0.005 + 1e-4 * (i + 1))
              for i in range(9)]
     profile = fit_profile(steps, name="p", image_tokens=16, device="d")
-    assert (profile.merge_s, profile.unmerge_s) == (0.006, 0.004)
+    assert (profile.merge_s, profile.unmerge_s, profile.direct_s) == (0.006, 0.004, 0.007)
+    assert fit_profile([dataclasses.replace(t, switch=t.switch[:2]) for t in steps], name="p",
+                       image_tokens=16).direct_s is None  # never measured: charged as unmerge + merge
     assert profile.prefill.per_merged_s == pytest.approx(0.02) and profile.prefill.per_token_s == pytest.approx(1e-3)
     assert profile.decode.fixed_s == pytest.approx(0.005) and profile.decode.per_token_s == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="no merge, unmerge"):
@@ -156,4 +158,6 @@ def test_profile_times_prefill_decode_and_switches():
     assert profile.prefill_s(rows, "mixture", "A") == pytest.approx(1.0 + 0.4)
     assert profile.decode_s(rows, "unmerged", None) == pytest.approx(0.1 + 0.2 + 1.0)
     assert profile.prefill_s([], "unmerged", None) == 0.0
-    assert profile.switch_s(switch_ops("A", "B")) == pytest.approx(0.75)
+    assert profile.switch_s(switch_ops("A", "B")) == pytest.approx(0.75)  # no switch_s: unmerge + merge
+    assert dataclasses.replace(profile, direct_s=0.3).switch_s(switch_ops("A", "B")) == pytest.approx(0.3)
+    assert profile.switch_s(switch_ops(None, "B") + switch_ops("B", None)) == pytest.approx(0.75)

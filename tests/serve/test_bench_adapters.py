@@ -15,7 +15,8 @@ SMALLEST = ["--text-layers", "1", "--batch", "16", "--prompt-len", "8", "--new-t
             "--repeats", "1", "--copy-bytes", str(1 << 20)]
 STEP_ROWS = [(phase, "base", 0) for phase in ("decode", "prefill")] + [
     (phase, mode, n) for mode in ("unmerged", "mixture") for n in (1, 4, 16) for phase in ("decode", "prefill")]
-SWITCH_ROWS = ["merge", "unmerge", "merge + unmerge", "restore (every 32 unmerges)"]
+SWITCH_ROWS = ["merge", "unmerge", "merge + unmerge", "switch (one merged adapter to another)",
+               "restore (every 32 unmerges)"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_every_row_is_measured_and_written(cpu_run):
     for name in SWITCH_ROWS:
         assert sum(line.startswith(f"| {name} | ") for line in lines) == 1, name
     assert "- decode step with 4 distinct rank-16 adapters (unmerged) <= 1.15x the base step: " in table
-    assert "- switch (merge + unmerge) <= 1.5x its byte floor: " in table
+    assert "- switch (one merged adapter to another) <= 1.5x its byte floor: " in table
     assert "failed" not in table
 
 
@@ -58,7 +59,7 @@ def test_a_failing_mixture_is_reported_in_its_rows_and_fails_the_run(cpu_run, tm
         raise RuntimeError(f"cannot merge {name}")
 
     monkeypatch.setattr(AdapterPool, "merge", broken_merge)
-    with pytest.raises(SystemExit, match="10 measurement"):
+    with pytest.raises(SystemExit, match="11 measurement"):
         bench_adapters.main(SMALLEST + ["--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench_adapters.json").read_text())
     failed = [r for r in saved["rows"] if "error" in r]
@@ -67,7 +68,7 @@ def test_a_failing_mixture_is_reported_in_its_rows_and_fails_the_run(cpu_run, tm
     assert all("ms" in r for r in saved["rows"] if r.get("mode") in ("base", "unmerged"))
     assert saved["targets"][1]["status"] == "not measured (RuntimeError: cannot merge adapter_0)"
     table = (tmp_path / "bench_adapters.md").read_text()
-    assert table.count("| failed: RuntimeError: cannot merge adapter_0 |") == 10
+    assert table.count("| failed: RuntimeError: cannot merge adapter_0 |") == 11
 
 
 def test_switch_bytes_count_the_seven_projections_by_hand():
@@ -83,7 +84,7 @@ def test_switch_bytes_count_the_seven_projections_by_hand():
 
 def test_targets_on_a_gpu_say_met_or_not():
     rows = [{"phase": "decode", "mode": "unmerged", "adapters": 4, "over_base": 1.1},
-            {"phase": "merge + unmerge", "over_floor": 2.0}]
+            {"phase": bench_adapters.SWITCH, "over_floor": 2.0}]
     meta = {"platform": "gpu", "rank": 16}
     assert [(t["met"], t["status"]) for t in bench_adapters.targets(rows, meta)] == [(True, "met"), (False, "NOT met")]
     rows[0]["over_base"], rows[1]["over_floor"] = 1.2, 1.4

@@ -41,12 +41,13 @@ def test_unmerged_timeline_by_hand():
 
 def test_merged_fcfs_timeline_by_hand_with_switches():
     # t=0: merge A (0.5), prefill r0 (2.0) -> 2.5. r1 (B) heads the queue: r0 decodes alone, 2.7 and
-    # 2.9 (done). t=2.9: unmerge A + merge B (1.0), prefill r1 (1.5) -> 5.4; r2 (A) now heads the queue:
-    # r1 decodes alone -> 5.6 (done). t=5.6: switch back to A (1.0), prefill r2 (1.1) -> 7.7.
+    # 2.9 (done). t=2.9: switch from A to B (the profile has no switch_s: unmerge + merge, 1.0), prefill r1
+    # (1.5) -> 5.4; r2 (A) now heads the queue: r1 decodes alone -> 5.6 (done). t=5.6: switch back to A
+    # (1.0), prefill r2 (1.1) -> 7.7.
     result = simulate(THREE, policy="merged-fcfs", profile=HAND, limits=Limits(max_batch=2))
     expected = {"r0": (2.5, 2.9), "r1": (5.4, 5.6), "r2": (7.7, 7.7)}
     assert times(result) == pytest.approx(flat(expected))
-    assert result.switches == 5
+    assert result.switches == 3  # merge A, switch to B, switch to A
     assert result.mode_seconds == pytest.approx({"merged": 7.7})
 
 

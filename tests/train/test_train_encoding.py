@@ -51,7 +51,7 @@ def encoded(base):
     """(encoder, tasks, a batch of one classify row and two lm rows with answers of 2 and 4 tokens)."""
     model, processor = base
     tasks = make_tasks()
-    encoder = Encoder(processor, model.config.eos_token_id, model.config.pad_token_id).fitted(tasks)
+    encoder = Encoder.for_model(model, processor, 32).fitted(tasks)
     rows = [(tasks[0], tasks[0].train[1], 0), (tasks[1], tasks[1].train[0], 1), (tasks[1], tasks[1].train[1], 1)]
     batch = {"image": np.stack([np.asarray(ex.image) for _, ex, _ in rows]),
              "prompt": [task.prompt for task, _, _ in rows], "answer": [ex.answer for _, ex, _ in rows],
@@ -83,7 +83,7 @@ def test_loss_is_the_answer_tokens_cross_entropy_from_the_position_before_and_th
     encoder, tasks, batch = encoded
     heads = ClassifyHeads(model.config.text.hidden_size, {"bright": ("no", "yes")}, rngs=nnx.Rngs(3))
     learner = Learner(model, heads)
-    arrays = model_batch(batch, encoder, head_indices(tasks, heads))
+    arrays = model_batch(batch, encoder, head_indices(tasks, heads), model)
     loss = float(nnx.jit(loss_fn, static_argnums=2)(learner, arrays, encoder.answer_window))
 
     @nnx.jit

@@ -35,8 +35,8 @@ def setup(golden_dir):
     kind = Task("kind", "classify", "accuracy", 0.5, "is the image white ?", val_examples("no"), val_examples("no"),
                 labels=labels)
     where = Task("where", "lm", "accuracy", 0.5, "where is the object ?", val_examples(), val_examples())
-    encoder = Encoder(processor, model.config.eos_token_id, model.config.pad_token_id).fitted([kind, where])
-    return model, encoder, Evaluator(encoder, image_size=32, batch_size=BATCH), kind, where
+    encoder = Encoder.for_model(model, processor, 32).fitted([kind, where])
+    return model, encoder, Evaluator(encoder, batch_size=BATCH), kind, where
 
 
 @nnx.jit

@@ -49,7 +49,7 @@ def brightness_tasks() -> list[Task]:
 def setup(golden_dir):
     model, processor = load_base(str(golden_dir / "llava_mha"))
     tasks = brightness_tasks()
-    encoder = Encoder(processor, model.config.eos_token_id, model.config.pad_token_id).fitted(tasks)
+    encoder = Encoder.for_model(model, processor, 32).fitted(tasks)
     return model, tasks, encoder
 
 
@@ -60,7 +60,7 @@ def run_training(setup, directory, *, steps=6, checkpoint_every=2, batch_size=8,
     config = trainer.TrainConfig(steps=steps, batch_size=batch_size, lr=1e-2, warmup=2,
                                  checkpoint_every=checkpoint_every, data_parallel=data_parallel)
     try:
-        losses = trainer.train_adapter(learner, tasks, encoder, config, image_size=32,
+        losses = trainer.train_adapter(learner, tasks, encoder, config,
                                        checkpoint_dir=directory / "ckpt", metrics=MetricsLog(directory / "m.jsonl"),
                                        name="test", resume=resume)
         weights = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(learner, AdapterParam)))
@@ -84,12 +84,12 @@ def interrupt_after(monkeypatch, calls: int, make_failure):
 def test_a_short_training_answers_what_the_base_model_cannot(setup, tmp_path):
     """30 steps teach both tasks (about 15 suffice): a wrong loss, label or score would not get there."""
     model, tasks, encoder = setup
-    evaluator = Evaluator(encoder, image_size=32, batch_size=8)
+    evaluator = Evaluator(encoder, batch_size=8)
     base = evaluator.scores(tasks, model)
     learner = trainer.new_learner(model, tasks, ADAPTER, seed=0)
     config = trainer.TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup=2, checkpoint_every=100)
     try:
-        trainer.train_adapter(learner, tasks, encoder, config, image_size=32, checkpoint_dir=tmp_path / "ckpt",
+        trainer.train_adapter(learner, tasks, encoder, config, checkpoint_dir=tmp_path / "ckpt",
                               metrics=MetricsLog(tmp_path / "m.jsonl"), name="learn")
         learner.eval()
         adapted = evaluator.scores(tasks, model, learner)
@@ -141,7 +141,7 @@ def test_warm_start_begins_from_the_saved_adapter_and_heads(setup, tmp_path):
     config = trainer.TrainConfig(steps=2, batch_size=8, lr=1e-2, warmup=1, checkpoint_every=100)
     learner = trainer.new_learner(model, suite, ADAPTER, seed=0)
     try:
-        trainer.train_adapter(learner, tasks, encoder, config, image_size=32, checkpoint_dir=tmp_path / "ckpt",
+        trainer.train_adapter(learner, tasks, encoder, config, checkpoint_dir=tmp_path / "ckpt",
                               metrics=MetricsLog(tmp_path / "m.jsonl"), name="first")
         save_adapter(model, tmp_path / "adapter")
         learner.heads.save(tmp_path / "adapter", ["bright"])

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from valora_jax import load_pretrained
 from valora_jax.generation import Generator
-from valora_jax.models.qwen2_vl.inputs import rope_positions
+from valora_jax.models.qwen2_vl.inputs import rope_positions, vision_inputs
 
 MODELS = ["qwen2_vl", "qwen2_5_vl"]
 
@@ -51,8 +51,27 @@ def test_image_features_match(loaded):
     _, model, _, ref = loaded
     vision, _ = model.generation_inputs(ref["input_ids"], ref["attention_mask"], ref["pixel_values"],
                                         ref["image_grid_thw"])
-    got = np.asarray(model.visual(vision))[: len(ref["image_features"])]
+    got = np.asarray(model.visual(vision))[: len(ref["image_features"])]  # padding last
     np.testing.assert_allclose(got, ref["image_features"], rtol=0, atol=1e-4 * np.abs(ref["image_features"]).max())
+
+
+def test_layouts_give_each_image_its_features(loaded):
+    """A group per image: padded to shared buckets (3 images -> 4 groups of 64 patches) or exact (images of
+    one size, training's layout), each image's features as transformers computes them."""
+    _, model, _, ref = loaded
+    grid, pixels = np.asarray(ref["image_grid_thw"]), np.asarray(ref["pixel_values"])
+    padded = vision_inputs(model.config, pixels, grid, image_rows=[0, 1, 1])
+    assert padded.pixel_values.shape[:2] == (4, 64) and padded.rows[:3, 0].tolist() == [0, 1, 1]
+    n0 = int(grid[0].prod())
+    twice = np.concatenate([pixels[:n0], pixels[:n0]]), np.concatenate([grid[:1], grid[:1]])
+    exact = vision_inputs(model.config, *twice, image_rows=[0, 1], exact=True)
+    assert exact.pixel_values.shape[:2] == (2, n0) and exact.order is None
+    tokens = n0 // model.config.vision.merge_unit
+    got = np.asarray(model.visual(exact))
+    scale = np.abs(ref["image_features"]).max()
+    np.testing.assert_allclose(got, np.concatenate([ref["image_features"][:tokens]] * 2), rtol=0, atol=1e-4 * scale)
+    with pytest.raises(ValueError, match="one size"):
+        vision_inputs(model.config, pixels, grid, exact=True)
 
 
 def test_logits_match_transformers(loaded):

@@ -99,11 +99,12 @@ class AdapterBatch:
                                    heads=pick(self.heads))
 
     def token_ids(self, lead_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
-        """Per-token slot ids for an activation whose leading axes are (rows, ...)."""
+        """Per-token slot ids for an activation whose leading axes start with the selection's own axes
+        ((rows,), or after `for_rows` the shape of its index)."""
         def per_token(ids):
             if ids is None:
                 return None
-            ids = ids.reshape(ids.shape + (1,) * (len(lead_shape) - 1))
+            ids = ids.reshape(ids.shape + (1,) * (len(lead_shape) - ids.ndim))
             return jnp.broadcast_to(ids, lead_shape).reshape(-1)
         return per_token(self.slots), per_token(self.correction)
 
@@ -200,30 +201,31 @@ def _low_rank(stack, slot) -> jax.Array:
     return stack["scale"][slot] * jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=4)
-def _merge(kernels, linear, serial, slot, qkv_of):
-    """Fold slot `slot` into the kernels; a Serial LoRA slot also writes its q/k/v mixture corrections.
+@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=5)
+def _switch(kernels, linear, serial, old, new, plan):
+    """Take the kernels from slot `old` merged to slot `new` merged in one pass over each weight:
+    W + s_new A_new B_new - s_old A_old B_old, summed in float32 and rounded once.
 
-    `qkv_of`: (serial site, its q, k, v Linear site paths) pairs, static."""
-    for site, names in qkv_of:
-        a, b = serial[site]["a"][slot], serial[site]["b"][slot].astype(jnp.float32)
-        for name in names:
-            bw = jnp.dot(b, kernels[name].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-            linear[name] = {
-                "a": linear[name]["a"].at[slot].set(a.astype(linear[name]["a"].dtype)),
-                "b": linear[name]["b"].at[slot].set(bw.astype(linear[name]["b"].dtype)),
-                "rank": linear[name]["rank"].at[slot].set(serial[site]["rank"][slot]),
-                "scale": linear[name]["scale"].at[slot].set(serial[site]["scale"][slot]),
-            }
-    merged = {name: (w.astype(jnp.float32) + _low_rank(linear[name], slot)).astype(w.dtype)
-              for name, w in kernels.items()}
-    return merged, linear
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _unmerge(kernels, linear, slot):
-    return {name: (w.astype(jnp.float32) - _low_rank(linear[name], slot)).astype(w.dtype)
+    `plan` (static): (the sites `old`'s delta is in, the sites `new`'s goes into, and for a Serial LoRA
+    `new` its (serial site, q/k/v sites) pairs, whose mixture corrections (A, B W) are written into slot
+    `new` from the base weights W, `old` removed)."""
+    old_sites, new_sites, qkv_of = plan
+    base = {name: w.astype(jnp.float32) - _low_rank(linear[name], old) if name in old_sites else w.astype(jnp.float32)
             for name, w in kernels.items()}
+    for site, names in qkv_of:
+        a, b = serial[site]["a"][new], serial[site]["b"][new].astype(jnp.float32)
+        for name in names:
+            w = base[name].astype(kernels[name].dtype).astype(jnp.float32)
+            bw = jnp.dot(b, w, precision=jax.lax.Precision.HIGHEST)
+            linear[name] = {
+                "a": linear[name]["a"].at[new].set(a.astype(linear[name]["a"].dtype)),
+                "b": linear[name]["b"].at[new].set(bw.astype(linear[name]["b"].dtype)),
+                "rank": linear[name]["rank"].at[new].set(serial[site]["rank"][new]),
+                "scale": linear[name]["scale"].at[new].set(serial[site]["scale"][new]),
+            }
+    switched = {name: (w + _low_rank(linear[name], new) if name in new_sites else w).astype(kernels[name].dtype)
+                for name, w in base.items()}
+    return switched, linear
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -238,8 +240,8 @@ def _write_back(kernels, originals):
 class AdapterPool:
     """Adapters in device slots and host memory, selected per row; see the module docstring.
 
-    Sites lie in the model's `POOL_TOWERS` (the towers that pass the selection down: all of LLaVA's, Qwen-VL's
-    decoder). `targets` limits the projection sites (PEFT's rule: a sequence of module names matches a path equal to
+    Sites lie in the model's `POOL_TOWERS` (the towers that pass the selection down: all of LLaVA's and
+    Qwen-VL's). `targets` limits the projection sites (PEFT's rule: a sequence of module names matches a path equal to
     a name or ending in "." + name; a string is a regex over the whole path); by default every `Linear`
     except the output head. `serial=False` leaves out the attention-block sites of Serial LoRA. Memory:
     each projection site holds slots * R * (d_in + d_out) values of the model's dtype, each serial site
@@ -588,43 +590,53 @@ class AdapterPool:
     def merge(self, name: str) -> None:
         """Fold `name` into the base weights (one jitted, donated update); other rows then run in mixture mode."""
         self._adapter(name)
-        adapter = self._weights(name)
-        if self._merged == name:
-            return
-        if self._merged is not None:
-            raise ValueError(f"adapter {self._merged!r} is merged; unmerge() before merging {name!r}")
-        for site in adapter.serial:
-            if site not in self._qkv_of:
-                raise ValueError(f"adapter {name!r}: merging a Serial LoRA needs its block's q/k/v projections "
-                                 f"among the pool's sites ({site})")
-        slot = self._place(name)
-        sites = self._merge_sites(adapter)
-        self._keep_originals(sites)
-        linear, serial = self._stacks()
-        qkv_of = tuple((s, self._qkv_of[s]) for s in sorted(adapter.serial))
-        merged, linear = _merge({p: self._kernel(p) for p in sites}, linear, {s: serial[s] for s in adapter.serial},
-                                jnp.int32(slot), qkv_of)
-        self._set_kernels(merged)
-        self._set_stacks(linear)
-        self._merged = name
+        if self._merged not in (None, name):
+            raise ValueError(f"adapter {self._merged!r} is merged; unmerge() before merging {name!r}, or switch()")
+        self.switch(name)
 
     def unmerge(self) -> None:
         """Restore the base weights (`restore()` from the host copy every `restore_every` unmerges)."""
-        if self._merged is None:
+        self.switch(None)
+
+    def switch(self, name: str | None) -> None:
+        """Make `name` the merged adapter (None: none) in one jitted, donated pass over the weights it and the
+        merged one adapt: W + dW_name - dW_merged, rounded once, so going from one merged adapter to another
+        costs one read and write of each weight, not an unmerge and a merge. Every `restore_every`-th switch
+        away from a merged adapter first puts back the exact original weights from the host copy."""
+        if name is not None:
+            self._adapter(name)
+        if name == self._merged:
             return
-        adapter = self._host[self._merged]
-        slot = self._slot_of[self._merged]
-        sites = self._merge_sites(adapter)
-        linear, _ = self._stacks()
-        self._unmerges += 1
-        if self._unmerges % self.restore_every == 0:
-            self._restore(sorted(self._originals))
-        else:
-            self._set_kernels(_unmerge({p: self._kernel(p) for p in sites}, {p: linear[p] for p in sites},
-                                       jnp.int32(slot)))
-        self._merged = None
-        if adapter.serial:  # drop the q/k/v corrections: the slot is a plain Serial LoRA slot again
-            self._write(slot, adapter)
+        new = None if name is None else self._weights(name)
+        if new is not None:
+            for site in new.serial:
+                if site not in self._qkv_of:
+                    raise ValueError(f"adapter {name!r}: merging a Serial LoRA needs its block's q/k/v projections "
+                                     f"among the pool's sites ({site})")
+        old = None if self._merged is None else self._host[self._merged]
+        old_slot = -1 if old is None else self._slot_of[old.name]
+        new_slot = -1 if new is None else self._place(name)
+        old_sites = () if old is None else tuple(self._merge_sites(old))
+        if old is not None:
+            self._unmerges += 1
+            if self._unmerges % self.restore_every == 0:
+                self._restore(sorted(self._originals))
+                old_sites = ()
+        new_sites = () if new is None else tuple(self._merge_sites(new))
+        sites = sorted(set(old_sites) | set(new_sites))
+        self._keep_originals(new_sites)
+        if sites:
+            linear, serial = self._stacks()
+            qkv_of = () if new is None else tuple((s, self._qkv_of[s]) for s in sorted(new.serial))
+            kernels, linear = _switch({p: self._kernel(p) for p in sites}, linear,
+                                      {s: serial[s] for s in (new.serial if new is not None else ())},
+                                      jnp.int32(max(old_slot, 0)), jnp.int32(max(new_slot, 0)),
+                                      (old_sites, new_sites, qkv_of))
+            self._set_kernels(kernels)
+            self._set_stacks(linear)
+        self._merged = name
+        if old is not None and old.serial:  # drop its q/k/v corrections: a plain Serial LoRA slot again
+            self._write(old_slot, old)
 
     def restore(self) -> None:
         """Put back the exact original weights of every site a merge has touched (nothing may be merged)."""

@@ -1,9 +1,13 @@
 """Host-side (numpy) inputs of Qwen-VL: the per-patch metadata of the vision encoder and M-RoPE positions.
 
 Everything data-dependent is computed here, from `image_grid_thw` and `input_ids`, so the jitted model sees
-static shapes only: the patches of all images are padded to a bucketed count (a power of two), the
-padding forms its own attention segment, and images of different sizes whose patches share a bucket
-share compiled programs.
+static shapes only. Each image is its own attention group (vision attention never crosses images, so
+its cost is per image, not quadratic in a batch's patches). By default each group is padded to a
+bucketed patch count (a power of two, at least MIN_PATCH_BUCKET, from the largest image) and the group
+count to a power of two, with padding in attention segments of its own: batches whose images share
+those buckets share compiled programs, so a mix of sizes compiles one program per (image-count bucket,
+patch bucket) its batches reach. Training batches (one image per row, all of one size) take the exact
+layout, without padding, whose groups split over devices with their rows.
 """
 
 from __future__ import annotations
@@ -22,22 +26,28 @@ MIN_PATCH_BUCKET = 64
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class VisionInputs:
-    """The patches of a batch's images, in attention order (Qwen2.5-VL: window by window), padded to a bucket.
+    """A batch's image patches, a group per image, each in attention order (Qwen2.5-VL: window by window).
 
-    `segments` / `window_segments` give each patch its full-attention and window-attention group (an
-    image frame; a window of one); attention stays within a group. `restore` puts the merged tokens (one
-    per `merge_unit` patches, in attention order) back in image order; padding tokens come last.
+    Within a group, `segments` / `window_segments` give each patch its full-attention and window-attention
+    group (an image frame; a window of one); padding is a segment of its own. `restore` puts the group's
+    merged tokens (one per `merge_unit` patches, in attention order) back in image order, padding last.
+    `order` (padded layouts; None in the exact one) takes the flattened groups' tokens to the batch's image
+    tokens in order, padding last. `rows` is the batch row whose prompt each patch's image belongs to: the
+    adapter pool's per-row selection reads it.
     """
 
-    pixel_values: jax.Array  # (patches, patch_dim) float
-    positions: jax.Array  # (patches, 2) int32: (row, column) of each patch in its image, for the 2-D rotary
-    segments: jax.Array  # (patches,) int32
-    window_segments: jax.Array  # (patches,) int32
-    restore: jax.Array  # (patches // merge_unit,) int32
+    pixel_values: jax.Array  # (groups, patches, patch_dim) float
+    positions: jax.Array  # (groups, patches, 2) int32: (row, column) of each patch in its image, for the 2-D rotary
+    segments: jax.Array  # (groups, patches) int32
+    window_segments: jax.Array  # (groups, patches) int32
+    restore: jax.Array  # (groups, patches // merge_unit) int32
+    rows: jax.Array  # (groups, patches) int32
+    order: jax.Array | None = None  # (groups * patches // merge_unit,) int32
 
     @property
     def num_patches(self) -> int:
-        return self.pixel_values.shape[0]
+        """Patches per group."""
+        return self.pixel_values.shape[1]
 
 
 def patch_bucket(n: int, minimum: int = MIN_PATCH_BUCKET) -> int:
@@ -52,30 +62,64 @@ def _grids(image_grid_thw) -> np.ndarray:
     return grid
 
 
-def vision_inputs(cfg: QwenVLConfig, pixel_values, image_grid_thw, bucket: int | None = None) -> VisionInputs:
-    """Per-patch metadata for the image processor's flattened patches (`pixel_values`, (patches, patch_dim))."""
+def vision_inputs(cfg: QwenVLConfig, pixel_values, image_grid_thw, *, image_rows=None,
+                  exact: bool = False) -> VisionInputs:
+    """Per-patch metadata for the image processor's flattened patches (`pixel_values`, (patches, patch_dim)).
+
+    `image_rows` (images,): the batch row of each image (default 0). Padded to the buckets, or with
+    `exact` (images of one size) not padded at all.
+    """
     v = cfg.vision
-    m, unit = v.spatial_merge_size, v.merge_unit
     pixel_values = np.asarray(pixel_values)
     grid = _grids(image_grid_thw)
-    total = int(grid.prod(axis=1).sum())
+    counts = grid.prod(axis=1)
+    total = int(counts.sum())
     if pixel_values.ndim != 2 or pixel_values.shape != (total, v.patch_dim):
         raise ValueError(f"pixel_values must be (patches, {v.patch_dim}) with {total} patches for image_grid_thw "
                          f"{grid.tolist()}, got {pixel_values.shape}")
-    if (grid[:, 1:] % m).any():
-        raise ValueError(f"image_grid_thw heights and widths must be multiples of spatial_merge_size {m}: "
-                         f"{grid.tolist()}")
-    bucket = patch_bucket(total) if bucket is None else bucket
+    if (grid[:, 1:] % v.spatial_merge_size).any():
+        raise ValueError(f"image_grid_thw heights and widths must be multiples of spatial_merge_size "
+                         f"{v.spatial_merge_size}: {grid.tolist()}")
+    image_rows = np.zeros(len(grid), np.int64) if image_rows is None else np.asarray(image_rows, np.int64)
+    if image_rows.shape != (len(grid),):
+        raise ValueError(f"image_rows must give one row per image ({len(grid)}), got shape {image_rows.shape}")
+    if exact and (grid != grid[0]).any():
+        raise ValueError(f"the exact layout needs images of one size; got {grid.tolist()}")
+    size = int(counts[0]) if exact else patch_bucket(counts.max())
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    groups = [_group(cfg, pixel_values[a:b], grid[i:i + 1], np.full(b - a, image_rows[i]), size)
+              for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]
+    if exact:
+        return VisionInputs(**_stacked(groups))
+    n_groups = 1 << (len(groups) - 1).bit_length()
+    groups += [_group(cfg, pixel_values[:0], grid[:0], image_rows[:0], size)] * (n_groups - len(groups))
+    tokens = size // v.merge_unit
+    real = np.zeros((n_groups, tokens), bool)
+    for g, n in enumerate(counts // v.merge_unit):
+        real[g, :n] = True
+    order = np.concatenate([np.flatnonzero(real), np.flatnonzero(~real)]).astype(np.int32)
+    return VisionInputs(**_stacked(groups), order=order)
+
+
+def _stacked(groups: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([g[k] for g in groups]) for k in groups[0]}
+
+
+def _group(cfg: QwenVLConfig, pixel_values: np.ndarray, grid: np.ndarray, rows: np.ndarray,
+           bucket: int) -> dict[str, np.ndarray]:
+    """One attention group's fields (without the group axis) for the images of `grid`, padded to `bucket`."""
+    v = cfg.vision
+    m, unit = v.spatial_merge_size, v.merge_unit
+    total = len(pixel_values)
     if bucket < total or bucket % unit:
         raise ValueError(f"patch bucket {bucket} must hold {total} patches and be a multiple of {unit}")
-
     positions, segments, window_segments, order = [], [], [], []
     frame = window = unit_offset = 0
     for t, h, w in grid.tolist():
         # Patches come in merge-block order: (row block, column block, row in block, column in block).
-        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         block = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
-        positions.append(np.tile(np.stack([block(rows), block(cols)], axis=-1), (t, 1)))
+        positions.append(np.tile(np.stack([block(r), block(c)], axis=-1), (t, 1)))
         segments.append(np.repeat(np.arange(frame, frame + t), h * w))
         frame += t
         # Merged tokens of this image: (t, h/m, w/m); windows of merger_window x merger_window of them
@@ -95,19 +139,28 @@ def vision_inputs(cfg: QwenVLConfig, pixel_values, image_grid_thw, bucket: int |
         window_segments.append(np.repeat(window + win_id, unit))
         window += int(win_id.max()) + 1
         unit_offset += tt.size
-    positions, segments = np.concatenate(positions), np.concatenate(segments)
-    window_segments = np.concatenate(window_segments)  # per patch, in image order
-    units = np.concatenate(order)  # attention order -> image-order unit index
+    units = np.concatenate(order) if order else np.zeros(0, np.int64)  # attention order -> image-order unit index
     patch_order = (units[:, None] * unit + np.arange(unit)).reshape(-1)
     pad = bucket - total
-    padded = lambda a, fill: np.concatenate([a, np.full((pad, *a.shape[1:]), fill, a.dtype)])  # noqa: E731
-    return VisionInputs(
-        pixel_values=padded(pixel_values[patch_order], 0),
-        positions=padded(positions[patch_order], 0).astype(np.int32),
-        segments=padded(segments[patch_order], frame).astype(np.int32),
-        window_segments=padded(window_segments[patch_order], window).astype(np.int32),
-        restore=np.concatenate([np.argsort(units), np.arange(total // unit, bucket // unit)]).astype(np.int32),
-    )
+    padded = lambda a, fill: np.concatenate([a[patch_order], np.full((pad, *a.shape[1:]), fill, a.dtype)])  # noqa: E731
+    joined = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape, np.int64)  # noqa: E731
+    return {
+        "pixel_values": padded(pixel_values, 0),
+        "positions": padded(joined(positions, (0, 2)), 0).astype(np.int32),
+        "segments": padded(joined(segments, (0,)), frame).astype(np.int32),
+        "window_segments": padded(joined(window_segments, (0,)), window).astype(np.int32),
+        "restore": np.concatenate([np.argsort(units), np.arange(total // unit, bucket // unit)]).astype(np.int32),
+        "rows": padded(rows, 0).astype(np.int32),
+    }
+
+
+def image_rows(cfg: QwenVLConfig, input_ids, attention_mask=None) -> np.ndarray:
+    """(images,) the batch row of each image: its run of `<|image_pad|>` tokens, in row-major order."""
+    input_ids = np.asarray(input_ids)
+    mask = np.ones(input_ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    is_image = (input_ids == cfg.image_token_id) & mask
+    starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+    return np.repeat(np.arange(len(input_ids)), starts.sum(axis=1))
 
 
 def image_token_counts(cfg: QwenVLConfig, image_grid_thw) -> np.ndarray:

@@ -23,7 +23,13 @@ from valora_jax.kv_cache import KVCache
 from valora_jax.layers import Linear, place_image_features
 from valora_jax.models.llama import LlamaModel, rope_cos_sin, rope_inv_freq
 from valora_jax.models.qwen2_vl.config import QwenVLConfig
-from valora_jax.models.qwen2_vl.inputs import VisionInputs, image_token_counts, rope_positions, vision_inputs
+from valora_jax.models.qwen2_vl.inputs import (
+    VisionInputs,
+    image_rows,
+    image_token_counts,
+    rope_positions,
+    vision_inputs,
+)
 from valora_jax.models.qwen2_vl.vision import VisionTransformer
 
 
@@ -49,7 +55,7 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
     """Both versions (the vision config's `version` picks the encoder's blocks)."""
 
     # Towers whose projections take the adapter pool's per-row selection (`AdapterPool` serves only these).
-    POOL_TOWERS = ("language_model",)
+    POOL_TOWERS = ("visual", "language_model")
 
     def __init__(self, cfg: QwenVLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = cfg
@@ -61,8 +67,11 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
 
     # -- host-side inputs -------------------------------------------------------------------------------
     def generation_inputs(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                          mm_token_type_ids=None) -> tuple[VisionInputs | None, np.ndarray]:
-        """(vision inputs, M-RoPE positions) for a batch as the HF image processor and tokenizer give it."""
+                          mm_token_type_ids=None, *, exact: bool = False) -> tuple[VisionInputs | None, np.ndarray]:
+        """(vision inputs, M-RoPE positions) for a batch as the HF image processor and tokenizer give it.
+
+        Each image is its own vision attention group, padded to shared buckets; `exact` (images of one size,
+        the layout of training batches) pads nothing, and its groups shard over devices with their rows."""
         cfg = self.config
         input_ids = np.asarray(input_ids)
         is_image = input_ids == cfg.image_token_id
@@ -77,17 +86,19 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         if n_tokens != n_features:
             raise ValueError(f"{n_tokens} <|image_pad|> tokens in input_ids but image_grid_thw gives {n_features} "
                              "image tokens; expand each image's <|image_pad|> to its token count")
-        vision = None if pixel_values is None else vision_inputs(cfg, pixel_values, image_grid_thw)
+        vision = None if pixel_values is None else vision_inputs(
+            cfg, pixel_values, image_grid_thw, image_rows=image_rows(cfg, input_ids, attention_mask),
+            exact=exact)
         return vision, rope_positions(cfg, input_ids, attention_mask, image_grid_thw)
 
     # -- vision ------------------------------------------------------------------------------------------
-    def embed(self, input_ids: jax.Array, vision: VisionInputs | None = None) -> jax.Array:
+    def embed(self, input_ids: jax.Array, vision: VisionInputs | None = None, adapters=None) -> jax.Array:
         """Token embeddings with the merged image tokens written over the `<|image_pad|>` positions, in order."""
         is_image = input_ids == self.config.image_token_id
         embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))
         if vision is None:
             return embeds
-        return place_image_features(embeds, is_image, self.visual(vision))
+        return place_image_features(embeds, is_image, self.visual(vision, adapters))
 
     # -- language model ----------------------------------------------------------------------------------
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -100,14 +111,15 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
 
         The jit-side entry: `pixel_values` are `VisionInputs` and `position_ids` M-RoPE positions (3, b, s),
         both from `generation_inputs`; a decode step passes neither. `adapters`, the adapter pool's per-row
-        selection, reaches the decoder only (`POOL_TOWERS`): the vision tower's patches carry no row yet.
+        selection, reaches the decoder and the vision tower (each patch through its image's row).
         """
         if pixel_values is not None and (position_ids is None or jnp.ndim(position_ids) != 3):
             raise ValueError("a Qwen-VL prompt with images needs its M-RoPE position_ids (3, batch, seq): "
                              "take them from generation_inputs")
         input_ids = jnp.asarray(input_ids, jnp.int32)
         attention_mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else jnp.asarray(attention_mask)
-        return self.language_model(self.embed(input_ids, pixel_values), attention_mask, position_ids, cache, adapters)
+        return self.language_model(self.embed(input_ids, pixel_values, adapters), attention_mask, position_ids, cache,
+                                   adapters)
 
     def __call__(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
                  mm_token_type_ids=None, adapters=None) -> jax.Array:
