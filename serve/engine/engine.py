@@ -21,14 +21,14 @@ the static buffer keeps every program's shapes fixed and costs no gather in atte
 
 Any family of the model registry: a prompt's host-side inputs are prepared at submission, on the caller's
 thread, by `valora_jax.generation.prompt_inputs` (the family's `generation_inputs` hook where it has one:
-Qwen-VL's vision metadata, patches padded to a power-of-two bucket, and M-RoPE positions; the prefill
-leaves each slot's next position in the cache, and decode steps continue from it).
+Qwen-VL's vision metadata, each image's patches padded to a power-of-two bucket, and M-RoPE positions;
+the prefill leaves each slot's next position in the cache, and decode steps continue from it).
 
 Compiled programs: one decode program per mode shape (the model as it is, for steps whose rows need no
 LoRA term: base rows while nothing is merged, the merged adapter's own rows in merged mode; unmerged;
-mixture), one prefill program per prompt bucket and image shape (LLaVA: image count; Qwen-VL: patch
-bucket), one KV-insert program per prompt bucket; nothing recompiles when adapters, requests or modes
-change. Detokenisation and streaming never stall the device: a step's tokens are booked when they
+mixture), one prefill program per prompt bucket and image shape (LLaVA: image count; Qwen-VL: image-count
+and patch buckets), one KV-insert program per prompt bucket; nothing recompiles when adapters, requests or
+modes change. Detokenisation and streaming never stall the device: a step's tokens are booked when they
 arrive (stop ids, max_tokens), and their text is decoded and streamed while the device runs the next
 decode step; a stop string is therefore seen one step late, and the token decoded past it is dropped.
 """

@@ -1,8 +1,8 @@
 """The serving engine on Qwen-VL (the golden tiny random Qwen2.5-VL and Qwen2-VL checkpoints: patch 4, merge 2).
 
 Reference, as for LLaVA (test_engine.py): each request generated alone (batch 1) by `Generator` on the
-base model with its adapter attached, greedy, float32. The engine runs 10 requests for three decoder
-adapters (two LoRAs, one Serial LoRA) and the base model, given as prompts, token ids and chat messages
+base model with its adapter attached, greedy, float32. The engine runs 10 requests for three adapters
+(two LoRAs, one of them on the vision tower too, and a Serial LoRA on the decoder) and the base model, given as prompts, token ids and chat messages
 (the family's ChatML template: the checkpoint ships none), with images of three sizes (two of them in one
 patch bucket, one in the next), one prompt with two images, text-only prompts, arrivals over four steps.
 """
@@ -32,12 +32,13 @@ REF_LEN = 144  # the reference's cache: its prompt buckets are not capped at MAX
 DECODER = ("language_model",)
 ADAPTERS = {
     "lora_a": AdapterConfig(kind="lora", rank=4, alpha=8, towers=DECODER, targets=("q_proj", "v_proj")),
-    "lora_b": AdapterConfig(kind="lora", rank=2, alpha=4, towers=DECODER, targets=("o_proj", "up_proj", "down_proj")),
+    "lora_b": AdapterConfig(kind="lora", rank=2, alpha=4, towers=("visual", *DECODER),
+                            targets=("qkv", "o_proj", "up_proj", "down_proj")),
     "serial": AdapterConfig(kind="serial_lora", rank=2, alpha=2, towers=DECODER, targets=("self_attn",)),
 }
 HEAD = {"colour": ("red", "green", "blue", "yellow")}
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
-# (arrival step, adapter, prompt kind, text, image sizes (height, width), max_tokens); lora_a has 6 of 10.
+# (arrival step, adapter, prompt kind, text, image sizes (height, width), max_tokens); lora_a has 5 of 10.
 # 16x16 and 24x16 pixels are 16 and 24 patches (patch bucket 64), 48x40 is 120 (bucket 128).
 WORKLOAD = [
     (0, "lora_a", "prompt", "what colour is the circle", [(16, 16)], 6),
@@ -49,7 +50,7 @@ WORKLOAD = [
     (2, "lora_b", "prompt", "find the blue star", [(24, 16)], 5),
     (2, "lora_a", "messages", "answer with one word", [(16, 16)], 6),
     (2, None, "messages", "what colour is the ring", [(48, 40)], 4),
-    (3, "lora_a", "prompt", "is there a green cross", [(24, 16)], 4),
+    (3, "lora_b", "prompt", "is there a green cross", [(48, 40)], 4),
 ]
 
 
