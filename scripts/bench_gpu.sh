@@ -21,11 +21,12 @@ set -uo pipefail
 # The timeouts sum to the budget: a step added here takes its time from the others (or runs with what
 # they leave).
 DEFAULT_STEPS=(
-  'gpu-tests|90|$PY -m pytest -m gpu tests/pallas_kernels -q -p no:cacheprovider'
-  'pallas-kernels-bench|95|$PY -m pallas_kernels.bench --out "$DIR/pallas_kernels"'
+  'gpu-tests|75|$PY -m pytest -m gpu tests/pallas_kernels -q -p no:cacheprovider'
+  'pallas-kernels-bench|85|$PY -m pallas_kernels.bench --out "$DIR/pallas_kernels"'
   'model-bench|50|$PY -m serve.bench_model --preset llava-1.5-7b --dtype bfloat16 --prompt-len 640 --new-tokens 33 --out "$DIR"'
+  'qwen-model-bench|40|$PY -m serve.bench_model --preset qwen2.5-vl-7b --dtype bfloat16 --prompt-len 640 --new-tokens 33 --out "$DIR/qwen2.5-vl-7b"'
   'adapters-bench|90|$PY -m serve.bench_adapters --preset llava-1.5-7b --dtype bfloat16 --rank 16 --adapters 1 4 16 --batch 16 --prompt-len 640 --new-tokens 9 --prefill-len 128 --out "$DIR"'
-  'train-bench|60|$PY -m train.bench --preset llava-1.5-7b --dtype bfloat16 --batch-size 4 --text-tokens 448 --out "$DIR/train_bench.json" > "$DIR/train_bench.md"'
+  'train-bench|45|$PY -m train.bench --preset llava-1.5-7b --dtype bfloat16 --batch-size 4 --text-tokens 448 --out "$DIR/train_bench.json" > "$DIR/train_bench.md"'
   'train-memory-bench|50|$PY -m train.bench_memory --preset llava-1.5-7b --text-layers 2 --vision-layers 2 --seq 64 --json "$DIR/bench_memory.json" > "$DIR/bench_memory.md"'
   'engine-bench|45|$PY -m serve.bench_engine --preset llava-1.5-7b --dtype bfloat16 --text-layers 4 --out "$DIR"'
 )

@@ -88,12 +88,13 @@ def test_default_steps_cover_every_benchmark_within_the_budget_with_flags_that_e
     assert not (tmp_path / "dry").exists()
     steps = re.findall(r"^\d+\. (\S+) \(timeout (\d+) s\): (.+)$", done.stdout, re.MULTILINE)
     assert [name for name, _, _ in steps] == [
-        "gpu-tests", "pallas-kernels-bench", "model-bench", "adapters-bench", "train-bench", "train-memory-bench",
-        "engine-bench"]
+        "gpu-tests", "pallas-kernels-bench", "model-bench", "qwen-model-bench", "adapters-bench", "train-bench",
+        "train-memory-bench", "engine-bench"]
     assert sum(int(seconds) for _, seconds, _ in steps) <= 480
     commands = {name: command for name, _, command in steps}
     assert commands["gpu-tests"].startswith("$PY -m pytest -m gpu tests/pallas_kernels")
     assert "--preset llava-1.5-7b --dtype bfloat16" in commands["model-bench"]
+    assert "--preset qwen2.5-vl-7b --dtype bfloat16" in commands["qwen-model-bench"]
     assert "--preset llava-1.5-7b --dtype bfloat16 --rank 16 --adapters 1 4 16" in commands["adapters-bench"]
     for name, _, command in steps[1:]:
         words = shlex.split(command)
