@@ -2,9 +2,10 @@
 
 Reference, as for LLaVA (test_engine.py): each request generated alone (batch 1) by `Generator` on the
 base model with its adapter attached, greedy, float32. The engine runs 10 requests for three adapters
-(two LoRAs, one of them on the vision tower too, and a Serial LoRA on the decoder) and the base model, given as prompts, token ids and chat messages
-(the family's ChatML template: the checkpoint ships none), with images of three sizes (two of them in one
-patch bucket, one in the next), one prompt with two images, text-only prompts, arrivals over four steps.
+(two LoRAs, one of them on the vision tower too, and a Serial LoRA on the decoder) and the base model,
+given as prompts, token ids and chat messages (the family's ChatML template: the checkpoint ships none),
+with images of three sizes (two of them in one patch bucket, one in the next), one prompt with two
+images, text-only prompts, arrivals over four steps.
 """
 
 import base64
@@ -21,7 +22,7 @@ from serve.engine import GenerationRequest, RequestError, SamplingParams
 from serve.engine.engine import Engine
 from serve.policy import POLICIES, make_policy
 from tests.serve.engine_runs import Alone, assert_as_alone, run, save_random_adapter
-from valora_jax import chat, load_pretrained
+from valora_jax import chat
 from valora_jax.adapters import AdapterConfig
 from valora_jax.adapters.heads import ClassifyHeads, load_heads
 
@@ -101,7 +102,8 @@ def adapters(qwen_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_adapters")
     out = {name: save_random_adapter(qwen_dir, config, root / name, seed=seed)
            for seed, (name, config) in enumerate(ADAPTERS.items())}
-    heads = ClassifyHeads(load_pretrained(qwen_dir)[0].config.text.hidden_size, HEAD, rngs=nnx.Rngs(0))
+    hidden = json.loads((qwen_dir / "config.json").read_text())["text_config"]["hidden_size"]
+    heads = ClassifyHeads(hidden, HEAD, rngs=nnx.Rngs(0))
     heads.kernel.set_value(np.random.default_rng(0).standard_normal(heads.kernel.shape).astype(np.float32))
     heads.save(out["lora_a"])
     return out
