@@ -1,6 +1,7 @@
 """`python -m train` on a Qwen2-VL directory: prompts from its chat template, the training batch's vision
 inputs (an attention group per image) and M-RoPE positions equal to the model's own preparation, and the
-whole job (fusion, data parallel over two devices, adapters on both towers, report, served requests)."""
+whole job (fusion, data parallel over two devices, adapters on both towers, report, served requests,
+which `serve.batch` answers with the report's scores)."""
 
 import json
 import shutil
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import serve.batch
+import train.served
 from train.cli import main
 from train.encoding import Encoder, model_inputs
 from train.run import load_base
@@ -72,7 +75,7 @@ def test_encoded_batch_gives_the_models_own_logits(qwen_dir):
     assert np.abs(got - want)[keep].max() <= 1e-5 * np.abs(want[keep]).max()
 
 
-def test_job_trains_qwen_adapters_on_both_towers(qwen_dir, tmp_path):
+def test_job_trains_qwen_adapters_on_both_towers_and_serves_them(qwen_dir, tmp_path, capsys):
     tasks = tmp_path / "tasks.yaml"
     tasks.write_text(textwrap.dedent(TWO_TASKS))
     out = tmp_path / "out"
@@ -93,6 +96,16 @@ def test_job_trains_qwen_adapters_on_both_towers(qwen_dir, tmp_path):
     assert len(requests) == 8 and {r["body"]["model"] for r in requests} <= {a["name"] for a in report["adapters"]}
     record = json.loads((out / "run.json").read_text())
     assert record["flags"]["image_size"] == SIZE and record["flags"]["towers"] is None
+    # Served as `make demo` serves: serve.batch renders the chat requests with the same template, and every
+    # task scores as the report says.
+    served = out / "served"
+    modules = (served / "lora_modules.txt").read_text().split()
+    assert serve.batch.main(["--model", str(qwen_dir), "--lora-modules", *modules, "--max-lora-rank", "2",
+                             "-i", str(served / "requests.jsonl"), "-o", str(served / "responses.jsonl")]) == 0
+    capsys.readouterr()
+    assert train.served.main([str(out)]) == 0, capsys.readouterr().out
+    scores = {row["name"]: row["adapter_score"] for row in report["tasks"]}
+    assert train.served.served_scores(served) == pytest.approx(scores, abs=1e-12)
 
 
 def test_a_tower_the_model_lacks_is_a_clear_error(qwen_dir, tmp_path):
