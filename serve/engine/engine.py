@@ -647,6 +647,8 @@ def _open_image(image):
         source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
         with Image.open(source) as opened:
             return opened.convert("RGB")
+    except Image.DecompressionBombError as err:  # PIL's guard against images that would exhaust memory
+        raise RequestError(f"the image is too large: {err}") from err
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise RequestError(f"the image does not decode: {err}") from err
 

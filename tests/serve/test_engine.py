@@ -172,3 +172,17 @@ def test_stop_strings_streamed_text_and_events(engine, expected):
     result = handle.result(0)
     assert result.finish_reason == "stop" and result.text == cut and stop not in result.text
     assert result.token_ids == expected[i][:len(result.token_ids)] and len(result.token_ids) <= 3
+
+
+def test_an_image_past_pils_decompression_limit_is_a_400(monkeypatch):
+    """PIL refuses images whose pixel count could exhaust memory (a decompression bomb): a 400 naming it."""
+    import io
+
+    from serve.engine.engine import _open_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1024 pixels: more than twice the limit
+    with pytest.raises(RequestError, match="the image is too large") as refused:
+        _open_image(buffer.getvalue())
+    assert refused.value.status == 400
