@@ -49,7 +49,8 @@ HIGH_SKEW = 0.8
 def simulated(specs: list[RequestSpec], policy: str, profile: CostProfile, slots: int, slo_ttft: float):
     """The simulator's run of `specs` under `policy` with `slots` decode slots: (summary, per-request results)."""
     result = simulate(specs, policy=policy, profile=profile, limits=Limits(max_batch=slots))
-    return {**result.summary(slo_ttft=slo_ttft), "mode_seconds": result.mode_seconds}, result.results
+    return ({**result.summary(slo_ttft=slo_ttft), "mode_seconds": result.mode_seconds,
+             "switch_seconds": result.switch_seconds}, result.results)
 
 
 def tracking(live: list[RequestResult], sim: list[RequestResult]) -> dict:
@@ -127,11 +128,12 @@ def dominant_cost(profile: CostProfile, rows: list[dict]) -> str:
     """Which cost decides valora against the baselines on this profile, in words and numbers."""
     valora = [r for r in rows if r["policy"] == "valora" and r["skew"] >= HIGH_SKEW]
     busy = sum(sum(r["mode_seconds"].values()) for r in valora)
-    switch = sum(r["switches"] for r in valora) * (profile.merge_s + profile.unmerge_s) / 2
+    switch = sum(r["switch_seconds"] for r in valora)
     merged_time = sum(r["mode_seconds"].get("merged", 0.0) + r["mode_seconds"].get("mixture", 0.0) for r in valora)
     pre, d = profile.prefill, profile.decode
     lines = [f"On profile `{profile.name}`, valora at skew {HIGH_SKEW} spends {switch / busy:.0%} of its busy time "
-             f"switching weights ({profile.merge_s * 1e3:.1f} ms a merge, {profile.unmerge_s * 1e3:.1f} ms an unmerge) "
+             f"switching weights ({profile.merge_s * 1e3:.1f} ms a merge, {profile.unmerge_s * 1e3:.1f} ms an unmerge, "
+             f"{profile.op_s('switch') * 1e3:.1f} ms from one merged adapter to another) "
              f"and {merged_time / busy:.0%} in merged or mixture steps." if busy else
              f"valora ran no step at skew {HIGH_SKEW}."]
     lines.append(f"With an adapter merged, a prefill step costs {pre.per_merged_s * 1e3:.1f} ms and a decode step "

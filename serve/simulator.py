@@ -63,6 +63,7 @@ class SimEngine:
         self.merged: str | None = None
         self.finished: list[SimRequest] = []
         self.switches = 0
+        self.switch_seconds = 0.0
         self.steps = 0
         self.batch_adapters = 0  # distinct adapters (base included) over the rows of each step, summed
         self.mode_seconds: dict[str, float] = {}
@@ -89,8 +90,10 @@ class SimEngine:
                 raise RuntimeError(f"policy {self.policy!r} admits nothing into an idle engine with "
                                    f"{len(self.waiting)} waiting requests: it would stall forever")
             return None
-        t = now + self.profile.switch_s(ops)
+        switch_s = self.profile.switch_s(ops)
+        t = now + switch_s
         self.switches += len(ops)
+        self.switch_seconds += switch_s
         self.merged = plan.merged
         decoding = self.running
         if plan.admit:
@@ -125,6 +128,7 @@ class SimResult:
     steps: int
     mode_seconds: dict[str, float]
     batch_adapters: int
+    switch_seconds: float = 0.0  # of the steps' time, spent switching weights
 
     def summary(self, slo_ttft: float = 6.0) -> dict:
         """`serve.summary.summarize`, plus rejected requests, steps and the mean number of distinct
@@ -188,4 +192,4 @@ def simulate(requests: Sequence[RequestSpec], *, policy: str | Callable[[], Poli
         for mode, seconds in e.mode_seconds.items():
             modes[mode] = modes.get(mode, 0.0) + seconds
     return SimResult(finished, rejected, sum(e.switches for e in engines), sum(e.steps for e in engines), modes,
-                     sum(e.batch_adapters for e in engines))
+                     sum(e.batch_adapters for e in engines), sum(e.switch_seconds for e in engines))

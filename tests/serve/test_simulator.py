@@ -48,6 +48,7 @@ def test_merged_fcfs_timeline_by_hand_with_switches():
     expected = {"r0": (2.5, 2.9), "r1": (5.4, 5.6), "r2": (7.7, 7.7)}
     assert times(result) == pytest.approx(flat(expected))
     assert result.switches == 3  # merge A, switch to B, switch to A
+    assert result.switch_seconds == pytest.approx(0.5 + 1.0 + 1.0)
     assert result.mode_seconds == pytest.approx({"merged": 7.7})
 
 
