@@ -146,6 +146,22 @@ def test_outputs_do_not_depend_on_batching_or_policy(engine, expected, name):
     engine.pool.unmerge()
 
 
+def test_sharded_engine_gives_one_devices_outputs(qwen_dir, adapters, expected):
+    """Tensor parallel (and decode slots over data) on an 8-CPU-device mesh, the hot adapter merged and the
+    others (one on the vision tower) in mixture: the greedy tokens of one device."""
+    from valora_jax.sharding import make_mesh
+
+    sharded = Engine.from_pretrained(str(qwen_dir), lora_modules=adapters, max_loras=3, max_lora_rank=4,
+                                     max_num_seqs=4, max_model_len=MAX_LEN, mesh=make_mesh(data=2, model=4),
+                                     policy="valora", policy_params={"starve_after": 0.0})
+    qkv = sharded.model.visual.blocks[0].attn.qkv
+    assert qkv.slots.b[...].sharding.spec[-1] == "model"
+    modes = set()
+    results = run(sharded, work()[:7], make_request(sharded), modes)
+    assert_as_alone(results, expected[:7], [w[5] for w in WORKLOAD[:7]], "sharded")
+    assert "mixture" in modes, modes
+
+
 # Images of sizes the workload does not have, whose patches and prompts fall in buckets it compiles:
 # request 0: 8x32 pixels (16 patches, 4 tokens, as its 16x16), request 3: 40x48 (120 patches, as its 48x40),
 # request 6: 32x24 (48 patches, 12 tokens: prompt bucket 32 and patch bucket 64, as its 24x16).
