@@ -129,3 +129,22 @@ def test_adapter_pool_serves_a_mixed_batch_through_both_towers(golden, golden_di
     got = np.asarray(pooled(model, *inputs, pool.select(["peft", None])))
     assert rel_err(got[:1], want[:1], np.asarray(mask)[:1]) <= 1e-4
     assert rel_err(got[1:], alone[None][1:], np.asarray(mask)[1:]) <= 1e-5
+
+
+def test_peft_lora_saves_as_peft_wrote_it(golden_dir, tmp_path):
+    """PEFT's LoRA on both towers, loaded and saved again: the same tensor names (transformers 5's module
+    names) and values, and a config PEFT reads with the same rank, alpha and modules."""
+    import json
+
+    from valora_jax.adapters import load_adapter, save_adapter
+
+    model, _ = load_pretrained(golden_dir / "qwen2_5_vl")
+    load_adapter(model, golden_dir / "peft_lora_qwen2_5_vl")
+    save_adapter(model, tmp_path / "again", base_model="qwen2_5_vl")
+    want = load_file(golden_dir / "peft_lora_qwen2_5_vl" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want) and any(".visual.blocks." in k for k in got)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 2, 4)
