@@ -22,11 +22,17 @@ request rate per policy (one panel per simulated skew, one for the live runs), u
 The goal (issue 27, from VaLoRA's paper): at skew 0.8, valora's average token latency at least 20% below
 the best baseline's at every simulated rate, and at lower skews never above it. The verdict is printed;
 where the goal is not met, a note names the cost that decides it, from the profile.
+
+`--tune` also runs valora under every setting of its thresholds in `TUNE_GRID` on the simulated sweep's
+traces and profile, and ranks the settings by their worst reduction against the best baseline at skew 0.8
+(then at lower skews): thresholds chosen from the measured profile, not from hand-picked traces. The
+policy's defaults stay the paper's; the table says what the profile would choose.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -38,12 +44,16 @@ from serve.batching import Limits
 from serve.bench_engine import add_live_args, progress, replay, requests_of, workload
 from serve.cost_profile import CostProfile, load_profile
 from serve.profile import device_name, profile_engine, running_engine
+from serve.policy import make_policy
 from serve.simulator import simulate
 from serve.summary import RequestResult, markdown_table, summarize
 from serve.workload import RequestSpec
 
 GOAL_REDUCTION = 0.2  # valora at least 20% below the best baseline at skew 0.8
 HIGH_SKEW = 0.8
+# valora's thresholds `--tune` tries (serve.policy.ValoraPolicy's parameters).
+TUNE_GRID = {"starve_after": (0.5, 1.0, 2.0, 4.0), "starving_share": (0.25, 0.5, 0.75),
+             "merge_share": (0.25, 0.5, 0.75)}
 
 
 def simulated(specs: list[RequestSpec], policy: str, profile: CostProfile, slots: int, slo_ttft: float):
@@ -104,6 +114,31 @@ def sweep_rows(args, profile: CostProfile) -> list[dict]:
                 rows.append({"source": "simulated", "profile": profile.name, "policy": policy, "rate": rate,
                              "skew": skew, **summary})
     return rows
+
+
+def tune(args, profile: CostProfile, rows: list[dict]) -> list[dict]:
+    """valora under every setting of `TUNE_GRID` on the simulated sweep's traces: per setting, its worst
+    reduction of average token latency against the sweep's best baseline at skew >= 0.8 and at lower skews
+    (None without such points), and whether it meets the goal; best first."""
+    best = {}
+    for r in rows:
+        if r["policy"] != "valora":
+            key = (r["skew"], r["rate"])
+            best[key] = min(best.get(key, np.inf), r["avg_token_latency_s"])
+    specs = {key: sweep_spec(args, key[1], key[0]) for key in best}
+    out = []
+    for values in itertools.product(*TUNE_GRID.values()):
+        params = dict(zip(TUNE_GRID, values))
+        reduction = {key: 1 - simulate(specs[key], policy="valora", profile=profile, policy_params=params,
+                                       limits=Limits(max_batch=args.slots)).summary()["avg_token_latency_s"] / base
+                     for key, base in best.items()}
+        high = [v for (skew, _), v in reduction.items() if skew >= HIGH_SKEW]
+        low = [v for (skew, _), v in reduction.items() if skew < HIGH_SKEW]
+        worst_high, worst_low = min(high, default=None), min(low, default=None)
+        out.append({**params, "high_skew_reduction": worst_high, "low_skew_reduction": worst_low,
+                    "met": (worst_high is None or worst_high >= GOAL_REDUCTION) and (worst_low is None or worst_low >= 0)})
+    rank = lambda t: tuple(-np.inf if v is None else v for v in (t["high_skew_reduction"], t["low_skew_reduction"]))  # noqa: E731
+    return sorted(out, key=rank, reverse=True)
 
 
 def goal(rows: list[dict]) -> dict:
@@ -179,7 +214,25 @@ def markdown(result: dict) -> str:
                 f">= {c['needed']:.0%} |" for c in g["checks"]]
         if not g["met"]:
             out += ["", result["note"]]
+    if result.get("tuning"):
+        out += ["", tuning_table(result["tuning"], meta["profile"])]
     return "\n".join(out)
+
+
+def tuning_table(tuning: list[dict], profile: str, shown: int = 5) -> str:
+    """The best `shown` settings of `--tune` and the policy's defaults, as Markdown."""
+    defaults = {name: getattr(make_policy("valora"), name) for name in TUNE_GRID}
+    pct = lambda v: "-" if v is None else f"{v:+.0%}"  # noqa: E731
+    rows = tuning[:shown] + [t for t in tuning[shown:] if all(t[k] == v for k, v in defaults.items())]
+    lines = [f"valora's thresholds tuned on profile `{profile}` ({len(tuning)} settings, the simulated sweep's "
+             "traces), best first; the worst reduction of average token latency against the best baseline:", "",
+             "| starve_after (s) | starving_share | merge_share | at skew >= 0.8 | at lower skew | goal |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {t['starve_after']:g} | {t['starving_share']:g} | {t['merge_share']:g} | "
+              f"{pct(t['high_skew_reduction'])} | {pct(t['low_skew_reduction'])} | "
+              f"{'met' if t['met'] else 'not met'}{' (defaults)' if all(t[k] == v for k, v in defaults.items()) else ''} |"
+              for t in rows]
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: pathlib.Path) -> None:
@@ -228,8 +281,12 @@ def run(args) -> dict:
             "profile": profile.name, "profile_device": profile.device or "device not named",
             "sim_adapters": args.sim_adapters, "sim_duration": args.sim_duration}
     verdict = goal(sim)
-    return {"meta": meta, "profile": profile.to_json(), "live": live, "simulated": sim, "goal": verdict,
-            "note": dominant_cost(profile, sim)}
+    result = {"meta": meta, "profile": profile.to_json(), "live": live, "simulated": sim, "goal": verdict,
+              "note": dominant_cost(profile, sim)}
+    if args.tune:
+        progress(f"tuning valora's thresholds: {np.prod([len(v) for v in TUNE_GRID.values()])} settings")
+        result["tuning"] = tune(args, profile, sim)
+    return result
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -246,6 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sim-adapters", type=int, default=16)
     p.add_argument("--sim-duration", type=float, default=120.0, help="seconds of simulated traffic per point")
     p.add_argument("--slo-ttft", type=float, default=6.0, help="SLO on time to first token, seconds")
+    p.add_argument("--tune", action="store_true",
+                   help="also rank valora's threshold settings (TUNE_GRID) on the simulated sweep's traces")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench_serving"),
                    help="directory for bench_serving.json, .md and .png")
     return p.parse_args(argv)
