@@ -1,5 +1,7 @@
 """Shared helpers for the train/ tests: small in-memory tasks whose pixels identify each example."""
 
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -28,3 +30,22 @@ def make_task():
         )
 
     return make
+
+
+@pytest.fixture
+def two_tasks(tmp_path):
+    """A task file of two small embedded tasks: colour's requirement is always met, so fusion tries colour +
+    location next."""
+    path = tmp_path / "tasks.yaml"
+    path.write_text(textwrap.dedent("""
+        tasks:
+          - source: embedded/colour
+            requirement: 0.0
+            n_train: 8
+            n_val: 4
+          - source: embedded/location
+            requirement: 0.7
+            n_train: 8
+            n_val: 4
+    """))
+    return path

@@ -4,7 +4,6 @@ Then the run folder's guards, which act before any model loads: a run is never r
 run that fails validation, and --resume takes the recorded settings."""
 
 import json
-import textwrap
 
 import pytest
 from PIL import Image
@@ -15,20 +14,7 @@ from train.run_folder import RECORD_FILE, write_record
 
 pytestmark = pytest.mark.usefixtures("root_logging")  # main() configures the root logger
 
-TWO_TASKS = """
-    tasks:
-      - source: embedded/colour
-        requirement: 0.0  # always met, so fusion tries colour + location
-        n_train: 8
-        n_val: 4
-      - source: embedded/location
-        requirement: 0.7
-        n_train: 8
-        n_val: 4
-"""
-
-
-def test_job_writes_adapters_and_report(tmp_path, golden_dir, monkeypatch, capsys):
+def test_job_writes_adapters_and_report(tmp_path, two_tasks, golden_dir, monkeypatch, capsys):
     warm_starts = []
     real_new_learner = train.run.new_learner
 
@@ -37,8 +23,7 @@ def test_job_writes_adapters_and_report(tmp_path, golden_dir, monkeypatch, capsy
         return real_new_learner(*args, warm_start=warm_start)
 
     monkeypatch.setattr(train.run, "new_learner", recording_new_learner)
-    tasks = tmp_path / "tasks.yaml"
-    tasks.write_text(textwrap.dedent(TWO_TASKS))
+    tasks = two_tasks
     out = tmp_path / "out"
     main(["--model", str(golden_dir / "llava_mha"), "--tasks", str(tasks), "--out", str(out), "--steps", "2",
           "--batch-size", "4", "--rank", "2", "--eval-batch-size", "4", "--checkpoint-every", "2"])
@@ -107,11 +92,9 @@ def test_out_of_range_flags_are_usage_errors(flags, message, capsys, monkeypatch
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def a_recorded_run(tmp_path, *flags) -> tuple:
-    """A run folder as a started run leaves it (run.json, a result, a report), and a valid task file."""
-    tasks = tmp_path / "tasks.yaml"
-    tasks.write_text(textwrap.dedent(TWO_TASKS))
-    out = tmp_path / "out"
+def a_recorded_run(tasks, *flags) -> tuple:
+    """A run folder beside the task file `tasks`, as a started run leaves it (run.json, a result, a report)."""
+    out = tasks.parent / "out"
     (out / "trainings" / "colour").mkdir(parents=True)
     write_record(out, recorded_flags(parser().parse_args(["--tasks", str(tasks), *flags])), tasks.resolve(),
                  tasks.read_text())
@@ -124,26 +107,26 @@ def contents(folder):
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def test_a_folder_holding_a_run_is_refused_and_kept(tmp_path, capsys):
-    out, tasks = a_recorded_run(tmp_path)
+def test_a_folder_holding_a_run_is_refused_and_kept(two_tasks, capsys):
+    out, tasks = a_recorded_run(two_tasks)
     before = contents(out)
     with pytest.raises(SystemExit, match="already holds a run .*--resume.*--overwrite"):
         main(["--tasks", str(tasks), "--out", str(out)])
     assert contents(out) == before
 
 
-def test_overwrite_with_a_bad_task_file_fails_before_touching_the_run(tmp_path):
-    out, tasks = a_recorded_run(tmp_path)
+def test_overwrite_with_a_bad_task_file_fails_before_touching_the_run(tmp_path, two_tasks):
+    out, tasks = a_recorded_run(two_tasks)
     before = contents(out)
     typo = tmp_path / "typo.yaml"
-    typo.write_text(textwrap.dedent(TWO_TASKS).replace("requirement: 0.7", "requirment: 0.7"))
+    typo.write_text(tasks.read_text().replace("requirement: 0.7", "requirment: 0.7"))
     with pytest.raises(SystemExit, match="field 'requirment': unknown"):
         main(["--tasks", str(typo), "--out", str(out), "--overwrite"])
     assert contents(out) == before
 
 
-def test_resume_takes_the_recorded_settings_and_a_conflicting_flag_is_named(tmp_path, capsys, monkeypatch):
-    out, tasks = a_recorded_run(tmp_path, "--steps", "7", "--rank", "4", "--towers", "language_model")
+def test_resume_takes_the_recorded_settings_and_a_conflicting_flag_is_named(two_tasks, capsys, monkeypatch):
+    out, tasks = a_recorded_run(two_tasks, "--steps", "7", "--rank", "4", "--towers", "language_model")
     started = []
     monkeypatch.setattr(train.run, "run", started.append)
     main(["--out", str(out), "--resume", "--steps", "7"])  # a flag equal to the record is fine
@@ -158,8 +141,8 @@ def test_resume_takes_the_recorded_settings_and_a_conflicting_flag_is_named(tmp_
     assert "(--rank 4, recorded in" in message
 
 
-def test_resume_runs_as_many_processes_as_the_run_it_continues(tmp_path):
-    out, _ = a_recorded_run(tmp_path)
+def test_resume_runs_as_many_processes_as_the_run_it_continues(two_tasks):
+    out, _ = a_recorded_run(two_tasks)
     record = json.loads((out / RECORD_FILE).read_text())
     assert record["flags"]["processes"] == 1
     record["flags"]["processes"] = 2

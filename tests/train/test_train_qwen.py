@@ -5,7 +5,6 @@ which `serve.batch` answers with the report's scores)."""
 
 import json
 import shutil
-import textwrap
 
 import numpy as np
 import pytest
@@ -25,19 +24,6 @@ TEMPLATE = ("{% for message in messages %}{{ message['role'] }} : {% for part in
             "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}"
             "{% endif %}{% endfor %} {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}")
 SIZE = 16  # 4 x 4 patches of 4 pixels: 4 decoder tokens per image
-
-TWO_TASKS = """
-    tasks:
-      - source: embedded/colour
-        requirement: 0.0  # always met, so fusion tries colour + location
-        n_train: 8
-        n_val: 4
-      - source: embedded/location
-        requirement: 0.7
-        n_train: 8
-        n_val: 4
-"""
-
 
 @pytest.fixture(scope="module")
 def qwen_dir(golden_dir, tmp_path_factory):
@@ -75,9 +61,8 @@ def test_encoded_batch_gives_the_models_own_logits(qwen_dir):
     assert np.abs(got - want)[keep].max() <= 1e-5 * np.abs(want[keep]).max()
 
 
-def test_job_trains_qwen_adapters_on_both_towers_and_serves_them(qwen_dir, tmp_path, capsys):
-    tasks = tmp_path / "tasks.yaml"
-    tasks.write_text(textwrap.dedent(TWO_TASKS))
+def test_job_trains_qwen_adapters_on_both_towers_and_serves_them(qwen_dir, tmp_path, two_tasks, capsys):
+    tasks = two_tasks
     out = tmp_path / "out"
     main(["--model", str(qwen_dir), "--tasks", str(tasks), "--out", str(out), "--steps", "3", "--batch-size", "4",
           "--rank", "2", "--eval-batch-size", "4", "--checkpoint-every", "3", "--image-size", str(SIZE),
@@ -108,9 +93,8 @@ def test_job_trains_qwen_adapters_on_both_towers_and_serves_them(qwen_dir, tmp_p
     assert train.served.served_scores(served) == pytest.approx(scores, abs=1e-12)
 
 
-def test_a_tower_the_model_lacks_is_a_clear_error(qwen_dir, tmp_path):
-    tasks = tmp_path / "tasks.yaml"
-    tasks.write_text(textwrap.dedent(TWO_TASKS))
+def test_a_tower_the_model_lacks_is_a_clear_error(qwen_dir, tmp_path, two_tasks):
+    tasks = two_tasks
     with pytest.raises(SystemExit, match="--towers vision_tower: not a part of this model; its parts are visual "
                                          "language_model"):
         main(["--model", str(qwen_dir), "--tasks", str(tasks), "--out", str(tmp_path / "out"),
