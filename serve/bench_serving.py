@@ -117,26 +117,22 @@ def sweep_rows(args, profile: CostProfile) -> list[dict]:
 
 
 def tune(args, profile: CostProfile, rows: list[dict]) -> list[dict]:
-    """valora under every setting of `TUNE_GRID` on the simulated sweep's traces: per setting, its worst
-    reduction of average token latency against the sweep's best baseline at skew >= 0.8 and at lower skews
-    (None without such points), and whether it meets the goal; best first."""
-    best = {}
-    for r in rows:
-        if r["policy"] != "valora":
-            key = (r["skew"], r["rate"])
-            best[key] = min(best.get(key, np.inf), r["avg_token_latency_s"])
-    specs = {key: sweep_spec(args, key[1], key[0]) for key in best}
+    """valora under every setting of `TUNE_GRID` on the simulated sweep's traces, judged by `goal` against the
+    sweep's baselines: per setting, its worst reduction of average token latency against the best baseline
+    at skew >= 0.8 and at lower skews (None without such points), and whether it meets the goal; best first."""
+    baselines = [r for r in rows if r["policy"] != "valora"]
+    specs = {key: sweep_spec(args, key[1], key[0]) for key in sorted({(r["skew"], r["rate"]) for r in baselines})}
     out = []
     for values in itertools.product(*TUNE_GRID.values()):
         params = dict(zip(TUNE_GRID, values))
-        reduction = {key: 1 - simulate(specs[key], policy="valora", profile=profile, policy_params=params,
-                                       limits=Limits(max_batch=args.slots)).summary()["avg_token_latency_s"] / base
-                     for key, base in best.items()}
-        high = [v for (skew, _), v in reduction.items() if skew >= HIGH_SKEW]
-        low = [v for (skew, _), v in reduction.items() if skew < HIGH_SKEW]
-        worst_high, worst_low = min(high, default=None), min(low, default=None)
-        out.append({**params, "high_skew_reduction": worst_high, "low_skew_reduction": worst_low,
-                    "met": (worst_high is None or worst_high >= GOAL_REDUCTION) and (worst_low is None or worst_low >= 0)})
+        valora = [{"policy": "valora", "skew": skew, "rate": rate, "avg_token_latency_s": simulate(
+            spec, policy="valora", profile=profile, policy_params=params,
+            limits=Limits(max_batch=args.slots)).summary()["avg_token_latency_s"]} for (skew, rate), spec in specs.items()]
+        verdict = goal(baselines + valora)
+        worst = lambda high: min((c["reduction"] for c in verdict["checks"] if (c["skew"] >= HIGH_SKEW) == high),  # noqa: E731
+                                 default=None)
+        out.append({**params, "high_skew_reduction": worst(True), "low_skew_reduction": worst(False),
+                    "met": verdict["met"]})
     rank = lambda t: tuple(-np.inf if v is None else v for v in (t["high_skew_reduction"], t["low_skew_reduction"]))  # noqa: E731
     return sorted(out, key=rank, reverse=True)
 
