@@ -35,11 +35,13 @@ Classify heads (`valora_jax.adapters.heads`, saved beside an adapter by `Classif
 their adapter and sit in its slot too: `select(names, tasks=...)` gives a row its task's head, and
 `model.classify_slots(last_hidden, batch.heads)` answers it from the same forward pass.
 
-- `unmerge()` subtracts exactly the float32 delta `merge` added. In bfloat16 each merge / unmerge can still
-  move a weight by one unit of its last place where W + dW rounds across a binade, so the pool keeps a host
-  copy of the original weights of every site it has merged into and restores them exactly every
-  `restore_every` unmerges (and on `restore()`): the drift is bounded by what `restore_every` switches can
-  add, however many switches follow. float32 weights are restored the same way.
+- `switch(name)` replaces the merged adapter in one pass (W + dW_new - dW_old); `merge` and `unmerge` are
+  switches from and to none. Each subtracts exactly the float32 delta it removes, but in bfloat16 a switch
+  can still move a weight by one unit of its last place where the sum rounds across a binade, so the pool
+  keeps a host copy of the original weights of every site it has merged into and restores them exactly
+  every `restore_every` switches away from a merged adapter (and on `restore()`): the drift is bounded by
+  what `restore_every` switches can add, however many switches follow. float32 weights are restored the
+  same way.
 """
 
 from __future__ import annotations
@@ -297,7 +299,7 @@ class AdapterPool:
         self._merged: str | None = None
         self._originals: dict[str, np.ndarray] = {}
         self.version = 0  # bumped whenever the pool writes the model's variables (slots, kernels)
-        self._unmerges = 0
+        self._switches_away = 0
 
     # -- host side -----------------------------------------------------------------------------------
     @property
@@ -595,7 +597,7 @@ class AdapterPool:
         self.switch(name)
 
     def unmerge(self) -> None:
-        """Restore the base weights (`restore()` from the host copy every `restore_every` unmerges)."""
+        """Restore the base weights: a switch to none (see `switch`)."""
         self.switch(None)
 
     def switch(self, name: str | None) -> None:
@@ -618,8 +620,8 @@ class AdapterPool:
         new_slot = -1 if new is None else self._place(name)
         old_sites = () if old is None else tuple(self._merge_sites(old))
         if old is not None:
-            self._unmerges += 1
-            if self._unmerges % self.restore_every == 0:
+            self._switches_away += 1
+            if self._switches_away % self.restore_every == 0:
                 self._restore(sorted(self._originals))
                 old_sites = ()
         new_sites = () if new is None else tuple(self._merge_sites(new))
