@@ -87,12 +87,12 @@ def vision_inputs(cfg: QwenVLConfig, pixel_values, image_grid_thw, *, image_rows
         raise ValueError(f"the exact layout needs images of one size; got {grid.tolist()}")
     size = int(counts[0]) if exact else patch_bucket(counts.max())
     starts = np.concatenate([[0], np.cumsum(counts)])
-    groups = [_group(cfg, pixel_values[a:b], grid[i:i + 1], np.full(b - a, image_rows[i]), size)
+    groups = [_group(cfg, pixel_values[a:b], tuple(grid[i].tolist()), int(image_rows[i]), size)
               for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]
     if exact:
         return VisionInputs(**_stacked(groups))
     n_groups = 1 << (len(groups) - 1).bit_length()
-    groups += [_group(cfg, pixel_values[:0], grid[:0], image_rows[:0], size)] * (n_groups - len(groups))
+    groups += [_group(cfg, pixel_values[:0], None, 0, size)] * (n_groups - len(groups))
     tokens = size // v.merge_unit
     real = np.zeros((n_groups, tokens), bool)
     for g, n in enumerate(counts // v.merge_unit):
@@ -105,52 +105,46 @@ def _stacked(groups: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([g[k] for g in groups]) for k in groups[0]}
 
 
-def _group(cfg: QwenVLConfig, pixel_values: np.ndarray, grid: np.ndarray, rows: np.ndarray,
+def _group(cfg: QwenVLConfig, pixel_values: np.ndarray, thw: tuple[int, int, int] | None, row: int,
            bucket: int) -> dict[str, np.ndarray]:
-    """One attention group's fields (without the group axis) for the images of `grid`, padded to `bucket`."""
+    """One attention group's fields (without the group axis): the image of grid `thw` (its frames, patch rows
+    and columns; None: a group of padding only) in the batch's row `row`, padded to `bucket` patches."""
     v = cfg.vision
     m, unit = v.spatial_merge_size, v.merge_unit
     total = len(pixel_values)
     if bucket < total or bucket % unit:
         raise ValueError(f"patch bucket {bucket} must hold {total} patches and be a multiple of {unit}")
-    positions, segments, window_segments, order = [], [], [], []
-    frame = window = unit_offset = 0
-    for t, h, w in grid.tolist():
+    positions, segments, window_segments = np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    units = np.zeros(0, np.int64)  # attention order -> image-order index of the merged tokens
+    frames = windows = 0
+    if thw is not None:
+        t, h, w = thw
         # Patches come in merge-block order: (row block, column block, row in block, column in block).
         r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         block = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
-        positions.append(np.tile(np.stack([block(r), block(c)], axis=-1), (t, 1)))
-        segments.append(np.repeat(np.arange(frame, frame + t), h * w))
-        frame += t
-        # Merged tokens of this image: (t, h/m, w/m); windows of merger_window x merger_window of them
-        # (the last row / column of windows ragged), ordered window by window as transformers does.
+        positions = np.tile(np.stack([block(r), block(c)], axis=-1), (t, 1))
+        segments, frames = np.repeat(np.arange(t), h * w), t
+        # Merged tokens: (t, h/m, w/m); windows of merger_window x merger_window of them (the last row /
+        # column of windows ragged), ordered window by window as transformers does.
         lh, lw = h // m, w // m
-        tt, r, c = np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij")
-        tt, r, c = tt.reshape(-1), r.reshape(-1), c.reshape(-1)
+        tt, r, c = (a.reshape(-1) for a in np.meshgrid(np.arange(t), np.arange(lh), np.arange(lw), indexing="ij"))
         if v.windowed:
             win = v.merger_window
-            nwh, nww = -(-lh // win), -(-lw // win)
-            win_id = (tt * nwh + r // win) * nww + c // win
-            unit_order = np.lexsort((c % win, r % win, win_id))  # by window, then row-major inside it
+            win_id = (tt * -(-lh // win) + r // win) * -(-lw // win) + c // win
+            units = np.lexsort((c % win, r % win, win_id))  # by window, then row-major inside it
         else:
-            win_id = tt
-            unit_order = np.arange(tt.size)
-        order.append(unit_offset + unit_order)
-        window_segments.append(np.repeat(window + win_id, unit))
-        window += int(win_id.max()) + 1
-        unit_offset += tt.size
-    units = np.concatenate(order) if order else np.zeros(0, np.int64)  # attention order -> image-order unit index
+            win_id, units = tt, np.arange(tt.size)
+        window_segments, windows = np.repeat(win_id, unit), int(win_id.max()) + 1
     patch_order = (units[:, None] * unit + np.arange(unit)).reshape(-1)
     pad = bucket - total
     padded = lambda a, fill: np.concatenate([a[patch_order], np.full((pad, *a.shape[1:]), fill, a.dtype)])  # noqa: E731
-    joined = lambda parts, shape: np.concatenate(parts) if parts else np.zeros(shape, np.int64)  # noqa: E731
     return {
         "pixel_values": padded(pixel_values, 0),
-        "positions": padded(joined(positions, (0, 2)), 0).astype(np.int32),
-        "segments": padded(joined(segments, (0,)), frame).astype(np.int32),
-        "window_segments": padded(joined(window_segments, (0,)), window).astype(np.int32),
+        "positions": padded(positions, 0).astype(np.int32),
+        "segments": padded(segments, frames).astype(np.int32),
+        "window_segments": padded(window_segments, windows).astype(np.int32),
         "restore": np.concatenate([np.argsort(units), np.arange(total // unit, bucket // unit)]).astype(np.int32),
-        "rows": padded(rows, 0).astype(np.int32),
+        "rows": padded(np.full(total, row, np.int64), 0).astype(np.int32),
     }
 
 
